@@ -1,0 +1,156 @@
+"""Eager fallback: the update as multi-tensor (foreach) torch ops.
+
+The portable, checked path for any device and layout Triton cannot serve.
+It writes temporaries and reads host scalars (lr tensors, step counts,
+found_inf), so it is neither the fastest path nor capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32, float64 for float64 params (ALGORITHM.md 'Numerics')."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Round float32 to bfloat16 up or down with probability given by the distance: E[round(x)] = x."""
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = (bits + noise) & -65536  # clear the 16 bits bfloat16 drops
+    out = rounded.view(torch.float32)
+    # inf/nan must not be perturbed into another class
+    return torch.where(torch.isfinite(x), out, x).to(torch.bfloat16)
+
+
+def _upcast(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def _store(dst: Sequence[Tensor], src: Sequence[Tensor], stochastic_rounding: bool = False,
+           generator: torch.Generator | None = None) -> None:
+    for d, s in zip(dst, src):
+        if d is s:
+            continue
+        if stochastic_rounding and d.dtype == torch.bfloat16:
+            d.copy_(stochastic_round_to_bf16(s, generator))
+        else:
+            d.copy_(s)
+
+
+def _gate(mhat2: list[Tensor], shat: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
+    """q per element, from m-hat^2 and s-hat (both consumed)."""
+    gate, alpha, lam, delta = group["gate"], group["alpha"], group["softness"], group["gate_eps"]
+    if gate == "snr":
+        den = torch._foreach_mul(shat, lam * alpha)
+        torch._foreach_add_(den, mhat2)
+        torch._foreach_add_(den, delta)
+        torch._foreach_div_(mhat2, den)
+        return mhat2
+    if gate == "soft":
+        d = torch._foreach_sub(mhat2, torch._foreach_mul(shat, alpha))
+        torch._foreach_clamp_min_(d, 0.0)
+        torch._foreach_mul_(shat, lam)
+        torch._foreach_add_(shat, d)
+        torch._foreach_add_(shat, delta)
+        torch._foreach_div_(d, shat)
+        return d
+    if gate == "hard":
+        torch._foreach_mul_(shat, alpha)
+        return [(a > b).to(a.dtype) for a, b in zip(mhat2, shat)]
+    raise AssertionError(gate)
+
+
+def eager_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+               exp_avg_sqs: list[Tensor], exp_grad_vars: list[Tensor], steps: list[Tensor],
+               group: dict[str, Any], *, grad_scale: Tensor | None = None,
+               found_inf: Tensor | None = None, stochastic_rounding: bool = False,
+               track_stats: bool = False, generator: torch.Generator | None = None) -> Tensor | None:
+    """One step for tensors of one device and dtype; all math in `compute_dtype`.
+
+    Returns, with track_stats, the sums (q, [m-hat^2 > alpha*s-hat], m-hat^2, alpha*s-hat).
+    """
+    if not params:
+        return None
+    cdt = compute_dtype(params[0].dtype)
+    no_stats = torch.zeros(4, dtype=cdt, device=params[0].device) if track_stats else None
+    if found_inf is not None and found_inf.item() != 0:
+        return no_stats
+    beta1, beta2 = group["betas"]
+    rho, eps, wd, alpha = group["rho"], group["eps"], group["weight_decay"], group["alpha"]
+    lr = group["lr"]
+    lr = lr.item() if isinstance(lr, Tensor) else float(lr)
+
+    torch._foreach_add_(steps, 1)
+    ts = [float(t) for t in torch.stack(steps).tolist()]
+
+    p = _upcast(params, cdt)
+    g = _upcast(grads, cdt)
+    m = _upcast(exp_avgs, cdt)
+    v = _upcast(exp_avg_sqs, cdt)
+    s = _upcast(exp_grad_vars, cdt)
+    if grad_scale is not None:
+        g = torch._foreach_div(g, grad_scale.item())
+    if group["maximize"]:
+        g = torch._foreach_neg(g)
+
+    diff = torch._foreach_sub(g, m)  # m before this step's update
+    torch._foreach_mul_(s, rho)
+    torch._foreach_addcmul_(s, diff, diff, 1 - rho)
+    del diff
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, 1 - beta2)
+    del g
+
+    if wd != 0:
+        torch._foreach_mul_(p, 1 - lr * wd)
+    bc1 = [1 - beta1**t for t in ts]
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in ts])
+    torch._foreach_add_(denom, eps)
+    step_size = [-lr / b for b in bc1]
+
+    sums = None
+    gated = [i for i, t in enumerate(ts) if group["gate"] != "none" and t > group["warmup_steps"]]
+    if gated or track_stats:
+        mhat2 = torch._foreach_div(m, bc1)
+        torch._foreach_mul_(mhat2, mhat2)
+        noise = torch._foreach_div(s, [(1 - rho**t) / alpha if alpha else math.inf for t in ts])
+        if track_stats:
+            q_all = [torch.ones_like(x) for x in m]
+    if gated:
+        shat = torch._foreach_div([s[i] for i in gated], [1 - rho ** ts[i] for i in gated])
+        q = _gate([mhat2[i].clone() for i in gated], shat, group)
+        if track_stats:
+            for k, i in enumerate(gated):
+                q_all[i] = q[k].clone()
+        torch._foreach_mul_(q, [m[i] for i in gated])
+        torch._foreach_addcdiv_([p[i] for i in gated], q, [denom[i] for i in gated],
+                                [step_size[i] for i in gated])
+    if len(gated) < len(ts):  # ungated tensors: exactly torch AdamW's update
+        gated_set = set(gated)
+        plain = [i for i in range(len(ts)) if i not in gated_set]
+        torch._foreach_addcdiv_([p[i] for i in plain], [m[i] for i in plain],
+                                [denom[i] for i in plain], [step_size[i] for i in plain])
+    if track_stats:
+        sums = torch.stack([
+            sum(x.sum() for x in q_all),
+            sum((a > b).sum() for a, b in zip(mhat2, noise)).to(cdt),
+            sum(x.sum() for x in mhat2),
+            sum(x.sum() for x in noise),
+        ]) if m else no_stats
+
+    _store(params, p, stochastic_rounding, generator)
+    _store(exp_avgs, m)
+    _store(exp_avg_sqs, v)
+    _store(exp_grad_vars, s)
+    return sums

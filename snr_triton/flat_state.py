@@ -1,0 +1,108 @@
+"""Optimizer states of one bucket in one contiguous buffer per state.
+
+A bucket is the params of one param group on one device with one (real) dtype.
+``optimizer.state[p]`` holds views into the buffers, so state_dict() and
+torch-style code keep working, while the kernel reaches every state through a
+base pointer and an offset. Packing copies whatever state a param already has
+(from a checkpoint, an AdamW checkpoint, or an older bucket), so buckets can be
+rebuilt at any time without losing anything.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_grad_var")
+_ALIGN = 16  # elements: every segment starts on a 64-byte boundary (fp32) for vector loads
+
+
+def as_real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when the elements fill exactly numel slots of memory from data_ptr on (any order)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def exp_grad_var_from_adam(exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
+                           betas: tuple[float, float], rho: float) -> Tensor:
+    """ALGORITHM.md: an AdamW checkpoint has no s; start from s-hat = max(v-hat - m-hat^2, 0)."""
+    if step == 0:
+        return torch.zeros_like(exp_avg_sq)
+    beta1, beta2 = betas
+    m, v = as_real(exp_avg).double(), as_real(exp_avg_sq).double()
+    shat = torch.clamp(v / (1 - beta2**step) - (m / (1 - beta1**step)) ** 2, min=0.0)
+    s = shat * (1 - rho**step)
+    return torch.view_as_complex(s.to(exp_avg.real.dtype)) if exp_avg.is_complex() else s
+
+
+class FlatState:
+    """The states of one bucket; `params` fixes the order of segments."""
+
+    def __init__(self, params: list[Tensor], state: dict, group: dict, state_dtype: torch.dtype):
+        self.params = list(params)
+        self.index = {p: i for i, p in enumerate(self.params)}
+        real = [as_real(p) for p in self.params]
+        self.device = real[0].device
+        self.dtype = real[0].dtype
+        store_dtype = state_dtype if self.dtype != torch.float64 else torch.float64
+        self.offsets: list[int] = []
+        self.numels: list[int] = []
+        total = 0
+        for r in real:
+            self.offsets.append(total)
+            self.numels.append(r.numel())
+            total += -(-r.numel() // _ALIGN) * _ALIGN
+        self.buffers = {k: torch.zeros(total, dtype=store_dtype, device=self.device) for k in STATE_KEYS}
+        self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
+        # Per tensor: does the state view share the param's memory order (so the kernel can
+        # walk param, grad and state with one linear index)?
+        self.same_layout: list[bool] = []
+        for i, (p, r) in enumerate(zip(self.params, real)):
+            dense = is_dense(r)
+            self.same_layout.append(dense)
+            old = state.get(p, {})
+            new = {"step": self.steps[i]}
+            for key in STATE_KEYS:
+                buf = self.buffers[key]
+                if dense:
+                    view = buf.as_strided(r.shape, r.stride(), self.offsets[i])
+                else:
+                    view = buf[self.offsets[i]:self.offsets[i] + r.numel()].view(r.shape)
+                new[key] = torch.view_as_complex(view) if p.is_complex() else view
+            self._adopt(old, new, group)
+            state[p] = new
+
+    @staticmethod
+    def _adopt(old: dict, new: dict, group: dict) -> None:
+        """Copy existing state into the flat views; fill a missing exp_grad_var (AdamW checkpoint)."""
+        if not old:
+            return
+        if "step" in old:
+            step = old["step"]
+            new["step"].fill_(float(step.item() if isinstance(step, Tensor) else step))
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in old:
+                new[key].copy_(old[key])
+        if "exp_grad_var" in old:
+            new["exp_grad_var"].copy_(old["exp_grad_var"])
+        elif "exp_avg" in old and "exp_avg_sq" in old:
+            new["exp_grad_var"].copy_(exp_grad_var_from_adam(
+                old["exp_avg"], old["exp_avg_sq"], float(new["step"].item()), group["betas"], group["rho"]))
+
+    def covers(self, params: Iterable[Tensor]) -> bool:
+        return all(p in self.index for p in params)
+
+    def views(self, params: list[Tensor], state: dict) -> tuple[list[Tensor], ...]:
+        """Real views of the states of `params`, in order, for the eager path."""
+        sts = [state[p] for p in params]
+        return tuple([as_real(st[k]) for st in sts] for k in STATE_KEYS) + ([st["step"] for st in sts],)
