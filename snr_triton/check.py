@@ -16,10 +16,10 @@ from .hyperparams import DEFAULTS
 from .optimizer import SNRAdamW
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Unit roundoff of each param dtype. Each step stores the param once, and a backend computing in
-# float32 may land one ulp away from the float64 reference: the param error allowed after n steps
-# is n ulps (relative to max |param|). With lr = 1e-2 a wrong formula moves params by ~1e-3.
-UNIT_ROUNDOFF = {"fp32": 2.0**-24, "fp64": 2.0**-53, "bf16": 2.0**-8, "fp16": 2.0**-11}
+# Each step stores the param once, and a backend computing in float32 may land one ulp away from
+# the float64 reference: the param error allowed after n steps is n ulps, an ulp being at most
+# finfo.eps relative to max |param|. With lr = 1e-2 a wrong formula moves params by ~1e-3.
+ULP = {name: torch.finfo(dtype).eps for name, dtype in DTYPES.items()}
 
 
 @dataclass
@@ -98,7 +98,7 @@ def run_case(case: Case, backend: str, device="cpu") -> dict[str, float]:
 def tolerances(case: Case) -> tuple[float, float]:
     """(params, states): n ulps of the param dtype; states are stored, not accumulated, so a few
     roundings of their own dtype."""
-    param = case.steps * UNIT_ROUNDOFF[case.dtype]
+    param = case.steps * ULP[case.dtype]
     if case.dtype == "fp64":
         return param, 1e-13
     return param, 1e-5 if case.state_dtype == torch.float32 else 4 * 2.0**-8

@@ -121,6 +121,11 @@ class SNRAdamW(Optimizer):
             groups.append(group)
         super().load_state_dict({**state_dict, "param_groups": groups})
         self._reset_caches()
+        # Pack now, so state (exp_grad_var of an AdamW checkpoint included) is complete at once.
+        for gi, group in enumerate(self.param_groups):
+            keys = {(p.device, _real_dtype(p)) for p in group["params"] if p in self.state}
+            for key in keys:
+                self._flat_state(gi, key, [], group)
 
     def _flat_state(self, gi: int, key: tuple, active: list[Tensor], group: dict) -> FlatState:
         flat = self._flat.get((gi, key))
@@ -134,6 +139,13 @@ class SNRAdamW(Optimizer):
         return flat
 
     # ----------------------------------------------------------------- the step
+    def backend_of(self, param: Tensor) -> str:
+        """Which backend steps `param`: "triton" or "eager"."""
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return "triton" if self._use_triton(group, param.device, _real_dtype(param)) else "eager"
+        raise KeyError("param is not in this optimizer")
+
     def _use_triton(self, group: dict, device: torch.device, dtype: torch.dtype) -> bool:
         if group["backend"] == "eager":
             return False
