@@ -79,10 +79,10 @@ def snr_adamw_kernel(
     first_block = tl.load(row + 4)
     step_slot = tl.load(row + 5)
 
+    if HAS_FOUND_INF:  # GradScaler found inf/nan: read nothing, write nothing
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
     offs = (pid - first_block) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
-    if HAS_FOUND_INF:  # GradScaler found inf/nan: read nothing, write nothing
-        mask = mask & (tl.load(found_inf_ptr) == 0)
 
     param_ptr = param_addr.to(tl.pointer_type(PARAM_DTYPE)) + offs
     grad_ptr = grad_addr.to(tl.pointer_type(PARAM_DTYPE)) + offs

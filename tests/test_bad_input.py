@@ -1,0 +1,111 @@
+"""Bad input: a clear error naming the argument and the valid choices, and nothing changed."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import BACKENDS, DEVICE
+from snr_triton import SNRAdamW, finite_alpha
+
+BAD = [
+    ("lr", -1.0, "lr"), ("lr", float("nan"), "lr"), ("lr", torch.tensor([1e-3, 1e-3]), "lr"),
+    ("betas", (1.0, 0.999), r"betas\[0\]"), ("betas", (0.9, -0.1), r"betas\[1\]"),
+    ("betas", (0.9,), "betas"), ("rho", 1.0, "rho"), ("rho", -0.5, "rho"),
+    ("eps", 0.0, "eps"), ("weight_decay", -1e-2, "weight_decay"), ("alpha", -1.0, "alpha"),
+    ("softness", -0.1, "softness"), ("gate_eps", 0.0, "gate_eps"),
+    ("warmup_steps", -1, "warmup_steps"), ("warmup_steps", 1.5, "warmup_steps"),
+    ("warmup_steps", True, "warmup_steps"), ("maximize", "yes", "maximize"),
+    ("gate", "snrr", "gate must be one of 'snr', 'soft', 'hard', 'none'"),
+    ("backend", "cuda", "backend must be one of 'auto', 'triton', 'eager'"),
+    ("state_dtype", torch.float16, "state_dtype"), ("track_stats", 1, "track_stats"),
+]
+
+
+@pytest.mark.parametrize("name,value,pattern", BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD])
+def test_constructor_rejects(name, value, pattern):
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=pattern) as info:
+        SNRAdamW([p], **{name: value})
+    message = str(info.value)
+    assert "got" in message  # the offending value is echoed back
+    if not isinstance(value, (torch.Tensor, tuple)):
+        assert repr(value) in message or str(value) in message
+
+
+def test_range_is_named():
+    with pytest.raises(ValueError, match=r"rho must be in \[0.0, 1.0\), got 1.5"):
+        SNRAdamW([torch.nn.Parameter(torch.ones(1))], rho=1.5)
+
+
+@pytest.mark.parametrize("name,value,pattern", BAD[:8])
+def test_add_param_group_rejects_and_adds_nothing(name, value, pattern):
+    opt = SNRAdamW([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(ValueError, match=pattern):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], name: value})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_invalid_group_edit_is_caught_at_step_and_changes_nothing(backend):
+    p = torch.nn.Parameter(torch.ones(4, device=DEVICE))
+    q = torch.nn.Parameter(torch.ones(4, device=DEVICE))
+    opt = SNRAdamW([{"params": [p]}, {"params": [q]}], backend=backend)
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    params_before = (p.detach().clone(), q.detach().clone())
+    opt.param_groups[1]["gate"] = "bogus"
+    with pytest.raises(ValueError, match=r"gate must be one of .* \(param group 1\)"):
+        opt.step()
+    assert torch.equal(p, params_before[0]) and torch.equal(q, params_before[1])
+    after = opt.state_dict()
+    for k in before["state"]:
+        for key, t in before["state"][k].items():
+            assert torch.equal(after["state"][k][key], t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_gradients_raise_and_change_nothing(backend):
+    dense = torch.nn.Parameter(torch.ones(3, device=DEVICE))
+    emb = torch.nn.Embedding(5, 2, sparse=True).to(DEVICE)
+    opt = SNRAdamW([dense, *emb.parameters()], backend=backend)
+    dense.grad = torch.ones_like(dense)
+    emb(torch.tensor([1, 2], device=DEVICE)).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(dense.detach(), torch.ones(3, device=DEVICE)) and len(opt.state) == 0
+
+
+def test_triton_refuses_float64_instead_of_falling_back():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="backend='triton'.*float64.*backend='eager' or 'auto'"):
+        SNRAdamW([p], backend="triton")
+
+
+def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        SNRAdamW([torch.nn.Parameter(torch.ones(3))], backend="triton")
+
+
+def test_load_state_dict_rejects_bad_groups_and_keeps_state():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = SNRAdamW([p], backend="eager")
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["rho"] = 2.0
+    with pytest.raises(ValueError, match="rho.*state dict"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["rho"] == 0.99
+
+
+def test_finite_alpha():
+    assert finite_alpha(32, 1032) == 32 / 1000
+    for b, n in ((0, 10), (10, 10), (11, 10), (-1, 5)):
+        with pytest.raises(ValueError, match="0 < batch_size < dataset_size"):
+            finite_alpha(b, n)
+    with pytest.raises(ValueError, match="batch_size must be an int"):
+        finite_alpha(2.5, 10)

@@ -1,0 +1,29 @@
+"""The wheel ships the Triton source as snr_triton.kernels, never as a top-level `kernels`."""
+
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+
+
+def installed_files():
+    try:
+        return [str(f) for f in importlib.metadata.files("snr-triton") or []]
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("snr-triton is not installed (running from a bare source tree)")
+
+
+def test_kernels_ship_inside_the_package():
+    files = installed_files()
+    if any(f.endswith(".pth") or "__editable__" in f for f in files):
+        pytest.skip("editable install: the mapping is checked on a regular install (CI)")
+    assert "snr_triton/kernels/snr_adamw.py" in files
+    assert not any(f.startswith("kernels/") for f in files)
+
+
+def test_console_script():
+    out = subprocess.run([sys.executable, "-m", "snr_triton.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "check" in out.stdout
+    eps = importlib.metadata.entry_points(group="console_scripts")
+    assert any(ep.name == "snr-triton" and ep.value == "snr_triton.cli:main" for ep in eps)
