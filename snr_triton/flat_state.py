@@ -64,12 +64,10 @@ class FlatState:
             total += -(-r.numel() // _ALIGN) * _ALIGN
         self.buffers = {k: torch.zeros(total, dtype=store_dtype, device=self.device) for k in STATE_KEYS}
         self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
-        # Per tensor: does the state view share the param's memory order (so the kernel can
-        # walk param, grad and state with one linear index)?
-        self.same_layout: list[bool] = []
         for i, (p, r) in enumerate(zip(self.params, real)):
+            # A dense param's states share its memory order, so the kernel walks param, grad and
+            # states with one linear index; others get contiguous states (and stand-ins there).
             dense = is_dense(r)
-            self.same_layout.append(dense)
             old = state.get(p, {})
             new = {"step": self.steps[i]}
             for key in STATE_KEYS:

@@ -17,14 +17,13 @@ from torch.optim import Optimizer
 from . import hyperparams
 from .eager import eager_step
 from .flat_state import FlatState, as_real
-from .triton_backend import SUPPORTED_DTYPES, TritonBucket, triton_unavailable_reason
+from .triton_backend import SEED, SUPPORTED_DTYPES, triton_step, triton_unavailable_reason
 
 # Options that say how to run, not what to compute: a checkpoint never overrides them.
 RUNTIME_KEYS = ("backend", "state_dtype", "stochastic_rounding", "track_stats")
 # Keys of torch.optim.AdamW groups that have no meaning here.
 ADAMW_ONLY_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 STAT_KEYS = ("mean_gate", "frac_above", "signal", "noise")
-_SEED = 0x5EED  # stochastic rounding: fixed, so runs are reproducible; the step count varies the bits
 
 
 def _real_dtype(t: Tensor) -> torch.dtype:
@@ -94,7 +93,6 @@ class SNRAdamW(Optimizer):
     # ----------------------------------------------------------------- state
     def _reset_caches(self) -> None:
         self._flat: dict[tuple, FlatState] = {}
-        self._buckets: dict[tuple, TritonBucket] = {}
         self._stats: list[Tensor | None] = []
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -135,7 +133,6 @@ class SNRAdamW(Optimizer):
                        if (p in chosen or p in self.state) and (p.device, _real_dtype(p)) == key]
             flat = FlatState(members, self.state, group, group["state_dtype"])
             self._flat[(gi, key)] = flat
-            self._buckets.pop((gi, key), None)
         return flat
 
     # ----------------------------------------------------------------- the step
@@ -190,12 +187,9 @@ class SNRAdamW(Optimizer):
             flat = self._flat_state(gi, (device, dtype), params, group)
             grads = [p.grad for p in params]
             if self._use_triton(group, device, dtype):
-                bucket = self._buckets.get((gi, (device, dtype)))
-                if bucket is None:
-                    bucket = self._buckets[(gi, (device, dtype))] = TritonBucket(flat)
-                sums = bucket.step(params, grads, group, grad_scale=grad_scale, found_inf=found_inf,
+                sums = triton_step(flat, params, grads, group, grad_scale=grad_scale, found_inf=found_inf,
                                    stochastic_rounding=group["stochastic_rounding"],
-                                   track_stats=group["track_stats"], seed=_SEED)
+                                   track_stats=group["track_stats"])
             else:
                 m, v, s, steps = flat.views(params, self.state)
                 sums = eager_step([as_real(p) for p in params], [as_real(g) for g in grads], m, v, s,
@@ -212,7 +206,7 @@ class SNRAdamW(Optimizer):
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
         if gen is None:
-            gen = self._generators[device] = torch.Generator(device).manual_seed(_SEED)
+            gen = self._generators[device] = torch.Generator(device).manual_seed(SEED)
         return gen
 
     # ----------------------------------------------------------------- monitor

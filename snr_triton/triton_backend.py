@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flat_state import FlatState, as_real
+from .flat_state import FlatState, as_real, is_dense
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024
 NUM_WARPS = 4
+SEED = 0x5EED  # stochastic rounding: fixed, so runs are reproducible; the step count varies the bits
 
 _kernel_module = None
 
@@ -89,106 +90,126 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-class TritonBucket:
-    """Tables and launch for one FlatState; `step` updates the active params of the bucket."""
+class _Tables:
+    """Address and block tables of one bucket's active tensors, kept on the flat exp_avg buffer."""
 
-    def __init__(self, flat: FlatState):
-        self.flat = flat
-        self._key: tuple | None = None
-        self.launches = 0  # for tests and benchmarks: kernel launches issued by this bucket
-        self.stats_buf: Tensor | None = None
-
-    def _build(self, indices: list[int], params: list[Tensor], grads: list[Tensor]) -> None:
-        flat, rows, block_tensor = self.flat, [], []
-        for j, (i, p, g) in enumerate(zip(indices, params, grads)):
-            n = flat.numels[i]
-            blocks = -(-n // BLOCK)
-            rows.append([p.data_ptr(), g.data_ptr(), flat.offsets[i], n, len(block_tensor), i])
-            block_tensor.extend([j] * blocks)
-        dev = flat.device
-        self.meta = torch.tensor(rows, dtype=torch.int64).reshape(-1, 6).to(dev)
-        self.block_tensor = torch.tensor(block_tensor, dtype=torch.int32).to(dev)
+    def __init__(self, key: tuple, params: list[Tensor], grads: list[Tensor], offsets: list[int],
+                 slots: list[int], num_slots: int, device: torch.device):
+        rows, block_tensor = [], []
+        for j, (p, g, off, slot) in enumerate(zip(params, grads, offsets, slots)):
+            rows.append([p.data_ptr(), g.data_ptr(), off, p.numel(), len(block_tensor), slot])
+            block_tensor.extend([j] * -(-p.numel() // BLOCK))
+        self.key = key
+        self.meta = torch.tensor(rows, dtype=torch.int64).reshape(-1, 6).to(device)
+        self.block_tensor = torch.tensor(block_tensor, dtype=torch.int32).to(device)
         self.num_blocks = len(block_tensor)
-        self.all_active = indices == list(range(len(flat.params)))
-        self.slots = torch.tensor(indices, dtype=torch.int64).to(dev)
+        self.all_active = list(slots) == list(range(num_slots))
+        self.slots = torch.tensor(slots, dtype=torch.int64).to(device)
+        self.stats = None
 
-    def step(self, params: list[Tensor], grads: list[Tensor], group: dict[str, Any], *,
-             grad_scale: Tensor | None, found_inf: Tensor | None, stochastic_rounding: bool,
-             track_stats: bool, seed: int) -> Tensor | None:
-        """Returns, with track_stats, the device sums (q, above, signal, noise) of this step."""
-        flat = self.flat
-        indices = [flat.index[p] for p in params]
-        real_p = [as_real(p) for p in params]
-        real_g = [as_real(g) for g in grads]
-        # Tensors the kernel cannot walk linearly get contiguous stand-ins, written back after.
-        write_back = []
-        for k, (i, p, g) in enumerate(zip(indices, real_p, real_g)):
-            if not flat.same_layout[i]:
-                real_p[k] = p.contiguous()
-                real_g[k] = g.contiguous()
-                write_back.append((p, real_p[k]))
-            elif g.stride() != p.stride():
-                real_g[k] = torch.empty_like(p).copy_(g)
-        key = (tuple(indices), tuple(p.data_ptr() for p in real_p), tuple(g.data_ptr() for g in real_g))
-        if key != self._key:
-            self._build(indices, real_p, real_g)
-            self._key = key
-        dev = flat.device
-        if grad_scale is not None:
-            grad_scale = grad_scale.to(dev, non_blocking=True)
-        if found_inf is not None:
-            found_inf = found_inf.to(dev, non_blocking=True)
 
-        if self.all_active:
-            flat.steps.add_(1)
+def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_avg_sq: Tensor,
+               exp_grad_var: Tensor, steps: Tensor, stats: Tensor, offsets: list[int],
+               slots: list[int], lr: float, lr_tensor: Tensor | None, grad_scale: Tensor | None,
+               found_inf: Tensor | None, hyper: list[float], gate: str, warmup_steps: int,
+               maximize: bool, stochastic_rounding: bool) -> None:
+    """One step of the active params of a bucket: step counters, then one kernel launch.
+
+    `offsets`/`slots` place each param in the flat state buffers and the step buffer;
+    `hyper` = [beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps]. With a
+    non-empty `stats` (shape [4]) the gate statistics of this step are written there.
+    """
+    dev = steps.device
+    real_p = [as_real(p) for p in params]
+    real_g = [as_real(g) for g in grads]
+    # Tensors the kernel cannot walk linearly get contiguous stand-ins, written back after.
+    write_back = []
+    for k, (p, g) in enumerate(zip(real_p, real_g)):
+        if not is_dense(p):
+            real_p[k], real_g[k] = p.contiguous(), g.contiguous()
+            write_back.append((p, real_p[k]))
+        elif g.stride() != p.stride():
+            real_g[k] = torch.empty_like(p).copy_(g)
+    key = (tuple(slots), tuple(p.data_ptr() for p in real_p), tuple(g.data_ptr() for g in real_g))
+    tables = getattr(exp_avg, "_snr_tables", None)
+    if tables is None or tables.key != key:
+        tables = _Tables(key, real_p, real_g, offsets, slots, steps.numel(), dev)
+        exp_avg._snr_tables = tables
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(dev, non_blocking=True)
+    if found_inf is not None:
+        found_inf = found_inf.to(dev, non_blocking=True)
+
+    if tables.all_active:
+        steps.add_(1)
+    else:
+        steps.index_add_(0, tables.slots, torch.ones_like(tables.slots, dtype=steps.dtype))
+    track_stats = stats.numel() > 0
+    if tables.num_blocks:
+        if track_stats and (tables.stats is None or tables.stats.shape[0] != tables.num_blocks):
+            tables.stats = torch.zeros(tables.num_blocks, kernel_module().STAT_COLUMNS, device=dev)
+        _launch(tables, real_p[0].dtype, exp_avg, exp_avg_sq, exp_grad_var, steps, lr, lr_tensor,
+                grad_scale, found_inf, hyper, gate, warmup_steps, maximize, stochastic_rounding,
+                track_stats)
+    if found_inf is not None:  # as torch's fused Adam: the step does not count
+        steps.index_add_(0, tables.slots, found_inf.to(steps.dtype).expand(len(slots)), alpha=-1)
+    for dst, src in write_back:
+        dst.copy_(src)
+    if track_stats:
+        if tables.num_blocks:
+            torch.sum(tables.stats, 0, out=stats)
         else:
-            flat.steps.index_add_(0, self.slots, torch.ones_like(self.slots, dtype=flat.steps.dtype))
-        if self.num_blocks:
-            self._launch(group, grad_scale, found_inf, stochastic_rounding, track_stats, seed)
-        if found_inf is not None:  # as torch's fused Adam: the step does not count
-            flat.steps.index_add_(0, self.slots, found_inf.to(flat.steps.dtype).expand(len(indices)),
-                                  alpha=-1)
-        for dst, src in write_back:
-            dst.copy_(src)
-        if not track_stats:
-            return None
-        if not self.num_blocks:
-            return torch.zeros(4, device=dev)
-        return self.stats_buf.sum(0)
+            stats.zero_()
 
-    def _launch(self, group, grad_scale, found_inf, stochastic_rounding, track_stats, seed) -> None:
-        km = kernel_module()
-        flat = self.flat
-        beta1, beta2 = group["betas"]
-        rho = group["rho"]
-        lr = group["lr"]
-        lr_tensor = None
-        if isinstance(lr, Tensor):
-            if lr.device == flat.device:
-                lr_tensor, lr = lr, 0.0
-            else:  # a CPU tensor next to CUDA params: reading it does not synchronize the GPU
-                lr = lr.item()
-        if track_stats:
-            if self.stats_buf is None or self.stats_buf.shape[0] != self.num_blocks:
-                self.stats_buf = torch.zeros(self.num_blocks, km.STAT_COLUMNS, device=flat.device)
-        dummy = flat.steps
-        lb1, lb2, lrho = (_split_f32(_log(b)) for b in (beta1, beta2, rho))
-        bufs = flat.buffers
-        km.snr_adamw_kernel[(self.num_blocks,)](
-            self.meta, self.block_tensor,
-            bufs["exp_avg"], bufs["exp_avg_sq"], bufs["exp_grad_var"], flat.steps,
-            float(lr), lr_tensor if lr_tensor is not None else dummy,
-            grad_scale if grad_scale is not None else dummy,
-            found_inf if found_inf is not None else dummy,
-            self.stats_buf if track_stats else dummy,
-            beta1, 1.0 - beta1, beta2, 1.0 - beta2, rho, 1.0 - rho,
-            *lb1, *lb2, *lrho,
-            group["eps"], group["weight_decay"], group["alpha"], group["softness"], group["gate_eps"],
-            group["warmup_steps"], seed,
-            PARAM_DTYPE=_tl_dtype(flat.dtype), GATE=km.GATE_IDS[group["gate"]],
-            MAXIMIZE=group["maximize"], LR_IS_TENSOR=lr_tensor is not None,
-            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            STOCHASTIC_ROUNDING=stochastic_rounding and flat.dtype == torch.bfloat16,
-            TRACK_STATS=track_stats, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )
-        self.launches += 1
+
+def _launch(tables, dtype, exp_avg, exp_avg_sq, exp_grad_var, steps, lr, lr_tensor, grad_scale,
+            found_inf, hyper, gate, warmup_steps, maximize, stochastic_rounding, track_stats) -> None:
+    km = kernel_module()
+    beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps = hyper
+    lb1, lb2, lrho = (_split_f32(_log(b)) for b in (beta1, beta2, rho))
+    dummy = steps
+    km.snr_adamw_kernel[(tables.num_blocks,)](
+        tables.meta, tables.block_tensor, exp_avg, exp_avg_sq, exp_grad_var, steps,
+        lr, lr_tensor if lr_tensor is not None else dummy,
+        grad_scale if grad_scale is not None else dummy,
+        found_inf if found_inf is not None else dummy,
+        tables.stats if track_stats else dummy,
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2, rho, 1.0 - rho, *lb1, *lb2, *lrho,
+        eps, weight_decay, alpha, softness, gate_eps, warmup_steps, SEED,
+        PARAM_DTYPE=_tl_dtype(dtype), GATE=km.GATE_IDS[gate], MAXIMIZE=maximize,
+        LR_IS_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        STOCHASTIC_ROUNDING=stochastic_rounding and dtype == torch.bfloat16,
+        TRACK_STATS=track_stats, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+
+
+# Registered as a custom op so that torch.compile treats the step as one opaque, mutating call
+# (no graph break, correct aliasing) instead of tracing into Triton's launcher.
+fused_step_op = torch.library.custom_op(
+    "snr_triton::fused_step", fused_step,
+    mutates_args=("params", "exp_avg", "exp_avg_sq", "exp_grad_var", "steps", "stats"))
+
+
+def triton_step(flat: FlatState, params: list[Tensor], grads: list[Tensor], group: dict[str, Any], *,
+                grad_scale: Tensor | None, found_inf: Tensor | None, stochastic_rounding: bool,
+                track_stats: bool) -> Tensor | None:
+    """Step the active `params` of a bucket; returns the device sums (q, above, signal, noise)
+    of this step with track_stats."""
+    slots = [flat.index[p] for p in params]
+    offsets = [flat.offsets[i] for i in slots]
+    lr, lr_tensor = group["lr"], None
+    if isinstance(lr, Tensor):
+        if lr.device == flat.device:
+            lr_tensor, lr = lr, 0.0
+        else:  # a CPU tensor next to CUDA params: reading it does not synchronize the GPU
+            lr = lr.item()
+    beta1, beta2 = group["betas"]
+    hyper = [float(x) for x in (beta1, beta2, group["rho"], group["eps"], group["weight_decay"],
+                                group["alpha"], group["softness"], group["gate_eps"])]
+    stats = torch.zeros(4 if track_stats else 0, device=flat.device)
+    op = fused_step_op if torch.compiler.is_compiling() else fused_step
+    op(params, grads, flat.buffers["exp_avg"], flat.buffers["exp_avg_sq"], flat.buffers["exp_grad_var"],
+       flat.steps, stats, offsets, slots, float(lr), lr_tensor, grad_scale, found_inf, hyper,
+       group["gate"], int(group["warmup_steps"]), bool(group["maximize"]), stochastic_rounding)
+    return stats if track_stats else None

@@ -169,3 +169,56 @@ def test_stochastic_rounding_is_unbiased(backend):
     frac_up = (results[True] == 1).float().mean().item()
     assert torch.all((results[True] == 0) | (results[True] == 1))
     assert abs(frac_up - 0.3) < 0.03  # 6 standard deviations of the mean at n = 8192
+
+
+def _trained_pair(backend="triton"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(DEVICE)
+    twin = copy.deepcopy(model)
+    opts = [SNRAdamW(m.parameters(), lr=torch.tensor(1e-2, device=DEVICE), alpha=0.5, backend=backend)
+            for m in (model, twin)]
+    x = torch.randn(8, 6, device=DEVICE)
+    return model, twin, opts, x
+
+
+def _backward(model, x):
+    model.zero_grad()
+    model(x).pow(2).mean().backward()
+
+
+def test_torch_compile_sees_one_opaque_op_and_no_graph_break():
+    model, twin, (opt, twin_opt), x = _trained_pair()
+    for m, o in ((model, opt), (twin, twin_opt)):  # the first step creates the state eagerly
+        _backward(m, x)
+        o.step()
+    _backward(model, x)
+    explanation = torch._dynamo.explain(opt.step)()  # traces and runs one step
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    _backward(twin, x)
+    twin_opt.step()
+    torch._dynamo.reset()
+    compiled_step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    for _ in range(3):
+        _backward(model, x)
+        compiled_step()
+        _backward(twin, x)
+        twin_opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_step_reads_nothing_back_from_the_device(monkeypatch):
+    """Capturable: with lr and step on the device, step() never calls item/cpu/tolist."""
+    model, _, (opt, _), x = _trained_pair()
+    _backward(model, x)
+    opt.step()  # tables are built here, once
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronization inside step()")
+
+    _backward(model, x)
+    for name in ("item", "cpu", "tolist", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    opt.step(grad_scale=torch.tensor(1.0, device=DEVICE), found_inf=torch.tensor(0.0, device=DEVICE))
+    monkeypatch.undo()
+    assert all(opt.state[p]["step"].item() == 2 for p in model.parameters())
