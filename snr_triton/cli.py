@@ -11,7 +11,9 @@ import torch
 
 def available_backends() -> list[tuple[str, str]]:
     """(backend, device) pairs this machine can run; Triton on a CPU runs interpreted."""
-    found = [("eager", "cpu")]
+    from .cpu_backend import cpu_unavailable_reason
+
+    found = [("eager", "cpu")] + ([("cpu", "cpu")] if cpu_unavailable_reason() is None else [])
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -33,8 +35,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows, failed = [], 0
     for backend, device in available_backends():
         for dtype in DTYPES:
-            if backend == "triton" and dtype == "fp64":
-                continue  # the kernel serves training dtypes; fp64 is the eager path's
+            if backend in ("triton", "cpu") and dtype not in ("fp32", "bf16", "fp16"):
+                continue  # the kernels serve training dtypes; fp64 is the eager path's
+            if backend == "cpu" and dtype == "fp16":
+                continue
             for gate in GATES:
                 case = Case(gate=gate, dtype=dtype, steps=args.steps, seed=args.seed)
                 err = run_case(case, backend, device)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 GATES = ("snr", "soft", "hard", "none")
-BACKENDS = ("auto", "triton", "eager")
+BACKENDS = ("auto", "triton", "cpu", "eager")
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 DEFAULTS: dict[str, Any] = dict(

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import hyperparams
+from . import cpu_backend
 from .eager import eager_step
 from .flat_state import FlatState, as_real
 from .triton_backend import SEED, SUPPORTED_DTYPES, triton_step, triton_unavailable_reason
@@ -33,7 +34,8 @@ def _real_dtype(t: Tensor) -> torch.dtype:
 class SNRAdamW(Optimizer):
     """AdamW with the SNR gate of Litman & Guo (2026); see README for the hyperparameters.
 
-    backend: "auto" (Triton for CUDA tensors when importable, else eager), "triton", "eager".
+    backend: "auto" (Triton for CUDA tensors, the fused C kernel for CPU tensors, eager for what
+        neither serves), "triton", "cpu", "eager".
     state_dtype: torch.float32 (default) or torch.bfloat16 to cut state bytes (Triton and eager).
     stochastic_rounding: round bf16 params stochastically when storing them.
     track_stats: keep the gate statistics of the last step for `stats()`.
@@ -70,6 +72,12 @@ class SNRAdamW(Optimizer):
             raise ValueError(f"{e}{where}") from None
 
     def _check_backend(self, group: dict[str, Any], params: Iterable[Tensor], where: str = "") -> None:
+        if group["backend"] == "cpu":
+            for p in params:
+                reason = self._cpu_unavailable(group, p.device, _real_dtype(p))
+                if reason:
+                    raise RuntimeError(f"backend='cpu' cannot step a {p.dtype} param on {p.device}{where}: "
+                                       f"{reason}")
         if group["backend"] != "triton":
             return
         for p in params:
@@ -137,18 +145,31 @@ class SNRAdamW(Optimizer):
 
     # ----------------------------------------------------------------- the step
     def backend_of(self, param: Tensor) -> str:
-        """Which backend steps `param`: "triton" or "eager"."""
+        """Which backend steps `param`: "triton", "cpu" or "eager"."""
         for group in self.param_groups:
             if any(p is param for p in group["params"]):
-                return "triton" if self._use_triton(group, param.device, _real_dtype(param)) else "eager"
+                return self._backend(group, param.device, _real_dtype(param))
         raise KeyError("param is not in this optimizer")
 
-    def _use_triton(self, group: dict, device: torch.device, dtype: torch.dtype) -> bool:
-        if group["backend"] == "eager":
-            return False
-        if group["backend"] == "triton":
-            return True  # availability was checked before anything changed
-        return device.type == "cuda" and dtype in SUPPORTED_DTYPES and triton_unavailable_reason(device) is None
+    @staticmethod
+    def _cpu_unavailable(group: dict, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cpu":
+            return "it steps CPU tensors only; use backend='triton' or 'auto' on GPUs"
+        if dtype not in cpu_backend.SUPPORTED_DTYPES:
+            return f"it supports float32 and bfloat16 params; use backend='eager' or 'auto' for {dtype}"
+        if group["stochastic_rounding"]:
+            return "it has no stochastic rounding; use backend='eager' or 'auto'"
+        return cpu_backend.cpu_unavailable_reason()
+
+    def _backend(self, group: dict, device: torch.device, dtype: torch.dtype) -> str:
+        choice = group["backend"]
+        if choice != "auto":
+            return choice  # availability was checked before anything changed
+        if device.type == "cuda" and dtype in SUPPORTED_DTYPES and triton_unavailable_reason(device) is None:
+            return "triton"
+        if self._cpu_unavailable(group, device, dtype) is None:
+            return "cpu"
+        return "eager"
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, grad_scale: Tensor | None = None,
@@ -186,10 +207,14 @@ class SNRAdamW(Optimizer):
         for gi, group, device, dtype, params in plan:
             flat = self._flat_state(gi, (device, dtype), params, group)
             grads = [p.grad for p in params]
-            if self._use_triton(group, device, dtype):
+            backend = self._backend(group, device, dtype)
+            if backend == "triton":
                 sums = triton_step(flat, params, grads, group, grad_scale=grad_scale, found_inf=found_inf,
                                    stochastic_rounding=group["stochastic_rounding"],
                                    track_stats=group["track_stats"])
+            elif backend == "cpu":
+                sums = cpu_backend.cpu_step(flat, params, grads, group, grad_scale=grad_scale,
+                                            found_inf=found_inf, track_stats=group["track_stats"])
             else:
                 m, v, s, steps = flat.views(params, self.state)
                 sums = eager_step([as_real(p) for p in params], [as_real(g) for g in grads], m, v, s,

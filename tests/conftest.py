@@ -23,11 +23,18 @@ def _triton_runs() -> bool:
     return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _cpu_kernel_runs() -> bool:
+    from snr_triton.cpu_backend import cpu_unavailable_reason
+
+    return DEVICE == "cpu" and cpu_unavailable_reason() is None
+
+
 TRITON = _triton_runs()
-# Every backend that can run here; a missing Triton must fail loudly in CI, not skip quietly.
-BACKENDS = ["eager", "triton"] if TRITON else ["eager"]
-if os.environ.get("CI") and not TRITON:
-    raise RuntimeError("CI must exercise the Triton kernels: install the test extra (triton)")
+CPU_KERNEL = _cpu_kernel_runs()
+# Every backend that can run here; in CI a missing one fails loudly instead of skipping quietly.
+BACKENDS = ["eager"] + (["cpu"] if CPU_KERNEL else []) + (["triton"] if TRITON else [])
+if os.environ.get("CI") and not (TRITON and (CPU_KERNEL or DEVICE == "cuda")):
+    raise RuntimeError("CI must exercise the Triton and CPU kernels: install the test extra, and a C compiler")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ GRID = list(itertools.product(["snr", "soft", "hard", "none"], [False, True], [0
 
 
 def dtypes_for(backend):
-    return ["fp32", "bf16", "fp16"] if backend == "triton" else ["fp32", "fp64", "bf16"]
+    return {"triton": ["fp32", "bf16", "fp16"], "cpu": ["fp32", "bf16"]}.get(backend, ["fp32", "fp64", "bf16"])
 
 
 CASES = [(b, d, *g) for b in BACKENDS for d in dtypes_for(b) for g in GRID]

@@ -17,7 +17,7 @@ BAD = [
     ("warmup_steps", -1, "warmup_steps"), ("warmup_steps", 1.5, "warmup_steps"),
     ("warmup_steps", True, "warmup_steps"), ("maximize", "yes", "maximize"),
     ("gate", "snrr", "gate must be one of 'snr', 'soft', 'hard', 'none'"),
-    ("backend", "cuda", "backend must be one of 'auto', 'triton', 'eager'"),
+    ("backend", "cuda", "backend must be one of 'auto', 'triton', 'cpu', 'eager'"),
     ("state_dtype", torch.float16, "state_dtype"), ("track_stats", 1, "track_stats"),
 ]
 
@@ -81,6 +81,15 @@ def test_triton_refuses_float64_instead_of_falling_back():
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="backend='triton'.*float64.*backend='eager' or 'auto'"):
         SNRAdamW([p], backend="triton")
+
+
+def test_cpu_kernel_refuses_what_it_cannot_do():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="backend='cpu'.*float32 and bfloat16.*backend='eager' or 'auto'"):
+        SNRAdamW([p], backend="cpu")
+    q = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="stochastic rounding"):
+        SNRAdamW([q], backend="cpu", stochastic_rounding=True)
 
 
 def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):

@@ -1,0 +1,136 @@
+/* The fused SNR-AdamW step for CPU tensors: one pass per element, the CPU twin of snr_adamw.py.
+ *
+ * Compiled on first use by snr_triton/cpu_backend.py (the system C compiler, -O3, OpenMP) and
+ * cached on disk, so later processes start at once. Work is a table of chunks, each a slice of
+ * one tensor; params and grads are reached through an address table, states through one flat
+ * buffer per state. Math in float32, bias corrections in float64 once per chunk.
+ */
+#include <math.h>
+#include <stdint.h>
+
+enum { GATE_NONE = 0, GATE_SNR = 1, GATE_SOFT = 2, GATE_HARD = 3 };
+
+typedef struct {
+    double beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps, lr, inv_grad_scale;
+    int64_t warmup_steps;
+} Hyper;
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } x = { (uint32_t)h << 16 };
+    return x.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as c10::BFloat16 */
+    union { float f; uint32_t u; } x = { f };
+    if (isnan(f)) return (uint16_t)((x.u >> 16) | 0x40);
+    return (uint16_t)((x.u + 0x7FFF + ((x.u >> 16) & 1)) >> 16);
+}
+
+/* One chunk; P and S are the param and state storage types (float or uint16_t = bf16). GATE and
+ * STATS are compile-time constants at every call, so each variant is a branch-free, vectorized loop. */
+#define DEFINE_CHUNK(NAME, P, LOADP, STOREP, S, LOADS, STORES)                                      \
+static inline __attribute__((always_inline)) void NAME##_loop(                                     \
+        P *restrict param, const P *restrict grad, S *restrict m_buf, S *restrict v_buf,           \
+        S *restrict s_buf, int64_t n, const Hyper *h, double t, int maximize, double *stats,       \
+        const int GATE, const int STATS) {                                                          \
+    const float inv_bc1 = (float)(1.0 / (1.0 - pow(h->beta1, t)));                                 \
+    const float inv_bc2_sqrt = (float)(1.0 / sqrt(1.0 - pow(h->beta2, t)));                        \
+    const float inv_bc3 = (float)(1.0 / (1.0 - pow(h->rho, t)));                                   \
+    const float omb1 = (float)(1.0 - h->beta1);                                                    \
+    const float b2 = (float)h->beta2, omb2 = (float)(1.0 - h->beta2);                             \
+    const float rho = (float)h->rho, omrho = (float)(1.0 - h->rho);                               \
+    const float eps = (float)h->eps, alpha = (float)h->alpha, lam = (float)h->softness;           \
+    const float delta = (float)h->gate_eps;                                                        \
+    const float decay = (float)(1.0 - h->lr * h->weight_decay);                                    \
+    const float step_size = (float)(h->lr / (1.0 - pow(h->beta1, t)));                            \
+    const float sign = (float)(maximize ? -h->inv_grad_scale : h->inv_grad_scale);                 \
+    double sum_q = 0, sum_above = 0, sum_signal = 0, sum_noise = 0;                                \
+    _Pragma("omp simd reduction(+:sum_q,sum_above,sum_signal,sum_noise)")                         \
+    for (int64_t i = 0; i < n; i++) {                                                              \
+        const float g = LOADP(grad[i]) * sign;                                                     \
+        float m = LOADS(m_buf[i]);                                                                 \
+        const float diff = g - m;                                                                  \
+        const float s = rho * LOADS(s_buf[i]) + omrho * (diff * diff);                             \
+        m = m + omb1 * diff;                                                                       \
+        const float v = b2 * LOADS(v_buf[i]) + omb2 * (g * g);                                     \
+        const float denom = sqrtf(v) * inv_bc2_sqrt + eps;                                         \
+        const float mhat = m * inv_bc1;                                                            \
+        const float signal = mhat * mhat;                                                          \
+        const float shat = s * inv_bc3;                                                            \
+        const float noise = alpha * shat;                                                          \
+        const float d = fmaxf(signal - noise, 0.0f);                                               \
+        const float q = GATE == GATE_SNR ? signal / (signal + lam * noise + delta)                 \
+                      : GATE == GATE_SOFT ? d / (d + lam * shat + delta)                           \
+                      : GATE == GATE_HARD ? (signal > noise ? 1.0f : 0.0f) : 1.0f;                 \
+        const float p = LOADP(param[i]) * decay - step_size * (q * m / denom);                     \
+        param[i] = STOREP(p);                                                                      \
+        m_buf[i] = STORES(m);                                                                      \
+        v_buf[i] = STORES(v);                                                                      \
+        s_buf[i] = STORES(s);                                                                      \
+        if (STATS) {                                                                               \
+            sum_q += q; sum_above += signal > noise ? 1.0 : 0.0;                                   \
+            sum_signal += signal; sum_noise += noise;                                              \
+        }                                                                                          \
+    }                                                                                              \
+    if (STATS) {                                                                                   \
+        stats[0] = sum_q; stats[1] = sum_above; stats[2] = sum_signal; stats[3] = sum_noise;       \
+    }                                                                                              \
+}                                                                                                   \
+static void NAME(P *param, const P *grad, S *m, S *v, S *s, int64_t n, const Hyper *h, float step, \
+                 int gate, int maximize, double *stats) {                                           \
+    const double t = step;                                                                          \
+    if (t <= (double)h->warmup_steps) gate = GATE_NONE;                                            \
+    if (stats) {                                                                                    \
+        switch (gate) {                                                                             \
+        case GATE_SNR: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SNR, 1); break; \
+        case GATE_SOFT: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SOFT, 1); break; \
+        case GATE_HARD: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_HARD, 1); break; \
+        default: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_NONE, 1);        \
+        }                                                                                           \
+    } else {                                                                                        \
+        switch (gate) {                                                                             \
+        case GATE_SNR: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SNR, 0); break; \
+        case GATE_SOFT: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SOFT, 0); break; \
+        case GATE_HARD: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_HARD, 0); break; \
+        default: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_NONE, 0);        \
+        }                                                                                           \
+    }                                                                                               \
+}
+
+#define ID(x) (x)
+DEFINE_CHUNK(chunk_f32_f32, float, ID, ID, float, ID, ID)
+DEFINE_CHUNK(chunk_f32_bf16, float, ID, ID, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_CHUNK(chunk_bf16_f32, uint16_t, bf16_to_f32, f32_to_bf16, float, ID, ID)
+DEFINE_CHUNK(chunk_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* rows: [tensors][4] int64 = param address, grad address, state offset, step slot.
+ * chunks: [nchunks][3] int64 = tensor, start, length. stats: [nchunks][4] or NULL. */
+int snr_adamw_step(const int64_t *rows, const int64_t *chunks, int64_t nchunks, void *m_buf,
+                   void *v_buf, void *s_buf, const float *steps, const Hyper *h, int gate,
+                   int maximize, int param_bf16, int state_bf16, double *stats, int threads) {
+    const int64_t state_size = state_bf16 ? 2 : 4, param_size = param_bf16 ? 2 : 4;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t *row = rows + 4 * chunks[3 * c];
+        const int64_t start = chunks[3 * c + 1], n = chunks[3 * c + 2];
+        char *param = (char *)(intptr_t)row[0] + start * param_size;
+        const char *grad = (const char *)(intptr_t)row[1] + start * param_size;
+        const int64_t off = (row[2] + start) * state_size;
+        char *m = (char *)m_buf + off, *v = (char *)v_buf + off, *s = (char *)s_buf + off;
+        const float step = steps[row[3]];
+        double *st = stats ? stats + 4 * c : 0;
+        if (!param_bf16 && !state_bf16)
+            chunk_f32_f32((float *)param, (const float *)grad, (float *)m, (float *)v, (float *)s, n, h,
+                          step, gate, maximize, st);
+        else if (!param_bf16)
+            chunk_f32_bf16((float *)param, (const float *)grad, (uint16_t *)m, (uint16_t *)v,
+                           (uint16_t *)s, n, h, step, gate, maximize, st);
+        else if (!state_bf16)
+            chunk_bf16_f32((uint16_t *)param, (const uint16_t *)grad, (float *)m, (float *)v, (float *)s,
+                           n, h, step, gate, maximize, st);
+        else
+            chunk_bf16_bf16((uint16_t *)param, (const uint16_t *)grad, (uint16_t *)m, (uint16_t *)v,
+                            (uint16_t *)s, n, h, step, gate, maximize, st);
+    }
+    return 0;
+}
