@@ -1,4 +1,5 @@
-"""The `snr-triton` command: `check` compares every backend here with the float64 reference."""
+"""The `snr-triton` command: `check` compares every backend here with the float64 reference;
+`bench` times them against torch.optim.AdamW."""
 
 from __future__ import annotations
 
@@ -56,6 +57,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import run
+
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    sizes = [int(float(s) * 2**20) for s in args.sizes] if args.sizes else None
+    return run(devices, sizes, args.steps, args.dtype, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="snr-triton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--steps", type=int, default=10, help="optimizer steps per case (default 10)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=cmd_check)
+    bench = sub.add_parser("bench", help="step time and bandwidth against torch AdamW, one table per device")
+    bench.add_argument("--device", action="append", choices=["cpu", "cuda"], help="default: every device here")
+    bench.add_argument("--sizes", nargs="+", help="params per tensor, in Mi (default CPU 1 16 64; GPU 1..1024)")
+    bench.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per implementation (default 20)")
+    bench.add_argument("--json", help="also write the results here (bench/plot.py draws them)")
+    bench.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

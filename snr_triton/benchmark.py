@@ -1,0 +1,233 @@
+"""`snr-triton bench`: step time, achieved bandwidth and memory, side by side with torch AdamW.
+
+All implementations of one size run interleaved in the same process (round robin), and the
+table reports medians and ratios to fused AdamW measured in that same run: absolute times on
+a shared machine are noisy, ratios much less so. Bytes per step follow ALGORITHM.md's byte
+model (read theta, g, m, v, s; write theta, m, v, s), so GB/s compares like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .optimizer import SNRAdamW
+
+CPU_SIZES = (1 << 20, 16 << 20, 64 << 20)
+GPU_SIZES = (1 << 20, 16 << 20, 64 << 20, 256 << 20, 1 << 30)
+
+
+@dataclass
+class Row:
+    device: str
+    numel: int
+    dtype: str
+    impl: str
+    ms: float
+    bytes_per_step: int
+    gbps: float
+    ratio: float
+    roofline_pct: float
+
+
+def _bytes(impl: str, numel: int, dtype: torch.dtype) -> int:
+    """The byte model: param and grad in their dtype, states in theirs."""
+    p = torch.finfo(dtype).bits // 8
+    if impl.startswith("AdamW"):
+        return numel * (2 * p + p + 2 * 2 * 4)  # read p, g, m, v; write p, m, v (fp32 states)
+    s = 2 if "bf16 state" in impl else 4
+    return numel * (2 * p + p + 2 * 3 * s)  # read p, g, m, v, s; write p, m, v, s
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], None], steps: int) -> list[float]:
+        """Seconds per step, one sample per step."""
+        out = []
+        for _ in range(steps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                out.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
+        return out
+
+
+def copy_bandwidth(device: torch.device, numel: int = 64 << 20, reps: int = 10) -> float:
+    """GB/s of the best of a copy and an in-place scale (each element read and written once):
+    the roofline. In place matters on CPUs, where a copy's destination is also read (write
+    allocate) while an optimizer's in-place updates are not."""
+    x = torch.randn(numel, device=device)
+    y = torch.empty_like(x)
+    timer = _Timer(device)
+    best = min(statistics.median(timer(fn, reps + 2)[2:]) for fn in (lambda: y.copy_(x), lambda: x.mul_(0.999)))
+    return 2 * x.numel() * 4 / best / 1e9
+
+
+def _implementations(device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
+    impls: dict[str, Callable] = {
+        "AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+        "AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
+    }
+    probe = torch.nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
+    fused = SNRAdamW([probe]).backend_of(probe)
+    if fused != "eager":
+        impls[f"SNRAdamW {fused}"] = lambda ps: SNRAdamW(ps, backend=fused)
+        impls[f"SNRAdamW {fused} bf16 state"] = lambda ps: SNRAdamW(ps, backend=fused,
+                                                                    state_dtype=torch.bfloat16)
+    impls["SNRAdamW eager"] = lambda ps: SNRAdamW(ps, backend="eager")
+    return impls
+
+
+def _peak_extra(device: torch.device, step: Callable[[], None]) -> float:
+    """Bytes allocated during one step above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - before)
+    try:  # Linux: VmHWM is the peak resident set; writing 5 to clear_refs resets it
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _proc_status("VmRSS")
+        step()
+        return float(_proc_status("VmHWM") - before)
+    except OSError:
+        return float("nan")
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(key)
+
+
+def bench_size(device: torch.device, numel: int, dtype: torch.dtype, steps: int, roofline: float,
+               rounds: int = 4) -> tuple[list[Row], dict[str, float]]:
+    gen = torch.Generator().manual_seed(0)
+    impls = _implementations(device, dtype)
+    runs = {}
+    for name, make in impls.items():
+        p = torch.nn.Parameter(torch.randn(numel, generator=gen).to(device=device, dtype=dtype))
+        p.grad = torch.randn(numel, generator=gen).to(device=device, dtype=dtype) * 1e-3
+        opt = make([p])
+        opt.step()  # warm-up: state, tables, compilation
+        runs[name] = opt
+    timer = _Timer(device)
+    samples: dict[str, list[float]] = {name: [] for name in impls}
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):  # round robin, so drifts in machine load hit every implementation alike
+        for name, opt in runs.items():
+            samples[name] += timer(opt.step, per_round)
+    peak = {name: _peak_extra(device, opt.step) for name, opt in runs.items()}
+    del runs
+    base = statistics.median(samples["AdamW fused"])
+    rows = []
+    for name, s in samples.items():
+        t = statistics.median(s)
+        nbytes = _bytes(name, numel, dtype)
+        gbps = nbytes / t / 1e9
+        rows.append(Row(device.type, numel, str(dtype).replace("torch.", ""), name, t * 1e3, nbytes, gbps,
+                        t / base, 100 * gbps / roofline))
+    return rows, peak
+
+
+def host_overhead(device: torch.device, tensors: int = 1000, steps: int = 20) -> dict[str, float]:
+    """Milliseconds per step for `tensors` tiny tensors: all host work, no bandwidth."""
+    out = {}
+    for name, make in _implementations(device, torch.float32).items():
+        if "bf16 state" in name:
+            continue
+        ps = [torch.nn.Parameter(torch.randn(8, device=device)) for _ in range(tensors)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt = make(ps)
+        opt.step()
+        out[name] = 1e3 * statistics.median(_Timer(device)(opt.step, steps))
+    return out
+
+
+def first_step_seconds() -> dict[str, float]:
+    """Time of the first step in a fresh process: the CPU kernel cold (compiled into an empty
+    cache) and warm (cached library), for 1M params."""
+    code = ("import time,torch;from snr_triton import SNRAdamW;p=torch.nn.Parameter(torch.randn(1<<20));"
+            "p.grad=torch.randn(1<<20);o=SNRAdamW([p]);t=time.perf_counter();o.step();"
+            "print(time.perf_counter()-t)")
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, SNR_TRITON_CACHE=cache)
+        for label in ("cold (compile)", "warm (cached)"):
+            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            out[label] = float(proc.stdout.strip()) if proc.returncode == 0 else float("nan")
+    return out
+
+
+def run(devices: list[str], sizes: list[int] | None, steps: int, dtypes: list[str],
+        json_path: str | None) -> int:
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "devices": {}}
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        roofline = copy_bandwidth(device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+        print(f"\n## {device.type}: {name}; copy bandwidth (roofline) {roofline:.1f} GB/s; "
+              f"{torch.get_num_threads()} threads; median of {steps} steps per cell\n")
+        header = ["params", "dtype", "implementation", "ms/step", "bytes/step", "GB/s", "x fused AdamW",
+                  "% roofline", "peak extra MB"]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        rows_all = []
+        for numel in sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES):
+            for dt in dtypes:
+                rows, peak = bench_size(device, numel, getattr(torch, dt), steps, roofline)
+                for r in rows:
+                    print(f"| {r.numel / 2**20:.0f}M | {r.dtype} | {r.impl} | {r.ms:.3f} | "
+                          f"{r.bytes_per_step / 1e6:.0f} MB | {r.gbps:.1f} | {r.ratio:.2f} | "
+                          f"{r.roofline_pct:.0f}% | {peak[r.impl] / 2**20:.1f} |")
+                    rows_all.append({**asdict(r), "peak_extra_bytes": peak[r.impl]})
+        overhead = host_overhead(device)
+        print(f"\nHost overhead, 1000 tensors of 8 elements, ms/step: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in overhead.items()))
+        entry = {"name": name, "roofline_gbps": roofline, "rows": rows_all, "host_overhead_ms": overhead}
+        if device.type == "cpu":
+            first = first_step_seconds()
+            print("First step, 1M params, fresh process (SNRAdamW cpu kernel), s: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in first.items()))
+            entry["first_step_s"] = first
+        report["devices"][device.type] = entry
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"\nwrote {json_path}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"

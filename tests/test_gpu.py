@@ -1,0 +1,62 @@
+"""Checks that need a CUDA device: CUDA-graph capture and >2^31-element buffers (int64 indexing).
+
+Skipped on machines without a GPU; bench/gpu_check.sh runs them where there is one.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from snr_triton import SNRAdamW
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_cuda_graph_capture_and_replay():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32).cuda()
+    twin = copy.deepcopy(model)
+    opt = SNRAdamW(model.parameters(), lr=torch.tensor(1e-2, device="cuda"), backend="triton")
+    twin_opt = SNRAdamW(twin.parameters(), lr=1e-2, backend="triton")
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(6)]
+    static = [torch.zeros_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), static):
+        p.grad = g
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture: state, tables, compilation
+        for g, src in zip(static, grads[0]):
+            g.copy_(src)
+        opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for gs in grads[1:]:
+        for g, src in zip(static, gs):
+            g.copy_(src)
+        graph.replay()
+    for gs in grads:
+        for p, g in zip(twin.parameters(), gs):
+            p.grad = g.clone()
+        twin_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(opt.state[p]["step"].item() == 6 for p in model.parameters())
+
+
+def test_more_than_2_pow_31_elements():
+    """The last elements of a 2^31 + 4096 element tensor get the closed-form first step."""
+    n = (1 << 31) + 4096
+    p = torch.nn.Parameter(torch.ones(n, device="cuda", dtype=torch.bfloat16))
+    p.grad = torch.ones_like(p)
+    opt = SNRAdamW([p], lr=0.25, weight_decay=0.0, gate="snr", backend="triton",
+                   state_dtype=torch.bfloat16)
+    opt.step()
+    # t = 1: m-hat = g = 1, s-hat = g^2 = 1, so q = 1/2 and theta = 1 - lr/2 * 1/(1 + eps)
+    expected = torch.tensor(1 - 0.125 / (1 + 1e-8), dtype=torch.bfloat16, device="cuda")
+    for lo, hi in ((0, 4), ((1 << 31) - 2, (1 << 31) + 2), (n - 4, n)):
+        assert torch.all(p.detach()[lo:hi] == expected), (lo, hi)
+    assert torch.all(opt.state[p]["exp_avg"][-4:] == torch.tensor(0.1, dtype=torch.bfloat16, device="cuda"))
