@@ -1,11 +1,13 @@
 /* The fused SNR-AdamW step for CPU tensors: one pass per element, the CPU twin of snr_adamw.py.
  *
- * Compiled on first use by snr_triton/cpu_backend.py (the system C compiler, -O3, OpenMP) and
- * cached on disk, so later processes start at once. Work is a table of chunks, each a slice of
+ * Compiled on first use by snr_triton/cpu_backend.py (the system C compiler, -O3) and cached on
+ * disk, so later processes start at once. Threads are plain pthreads, not OpenMP: a second OpenMP
+ * runtime beside torch's own would share the process badly. Work is a table of chunks, each a slice of
  * one tensor; params and grads are reached through an address table, states through one flat
  * buffer per state. Math in float32, bias corrections in float64 once per chunk.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 
 enum { GATE_NONE = 0, GATE_SNR = 1, GATE_SOFT = 2, GATE_HARD = 3 };
@@ -103,34 +105,67 @@ DEFINE_CHUNK(chunk_f32_bf16, float, ID, ID, uint16_t, bf16_to_f32, f32_to_bf16)
 DEFINE_CHUNK(chunk_bf16_f32, uint16_t, bf16_to_f32, f32_to_bf16, float, ID, ID)
 DEFINE_CHUNK(chunk_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
-/* rows: [tensors][4] int64 = param address, grad address, state offset, step slot.
- * chunks: [nchunks][3] int64 = tensor, start, length. stats: [nchunks][4] or NULL. */
-int snr_adamw_step(const int64_t *rows, const int64_t *chunks, int64_t nchunks, void *m_buf,
-                   void *v_buf, void *s_buf, const float *steps, const Hyper *h, int gate,
-                   int maximize, int param_bf16, int state_bf16, double *stats, int threads) {
-    const int64_t state_size = state_bf16 ? 2 : 4, param_size = param_bf16 ? 2 : 4;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t *row = rows + 4 * chunks[3 * c];
-        const int64_t start = chunks[3 * c + 1], n = chunks[3 * c + 2];
+typedef struct {
+    const int64_t *rows, *chunks;
+    void *m_buf, *v_buf, *s_buf;
+    const float *steps;
+    const Hyper *h;
+    int gate, maximize, param_bf16, state_bf16;
+    double *stats;
+    int64_t begin, end;
+} Work;
+
+static void *run_chunks(void *arg) {
+    const Work *w = (const Work *)arg;
+    const int64_t state_size = w->state_bf16 ? 2 : 4, param_size = w->param_bf16 ? 2 : 4;
+    for (int64_t c = w->begin; c < w->end; c++) {
+        const int64_t *row = w->rows + 4 * w->chunks[3 * c];
+        const int64_t start = w->chunks[3 * c + 1], n = w->chunks[3 * c + 2];
         char *param = (char *)(intptr_t)row[0] + start * param_size;
         const char *grad = (const char *)(intptr_t)row[1] + start * param_size;
         const int64_t off = (row[2] + start) * state_size;
-        char *m = (char *)m_buf + off, *v = (char *)v_buf + off, *s = (char *)s_buf + off;
-        const float step = steps[row[3]];
-        double *st = stats ? stats + 4 * c : 0;
-        if (!param_bf16 && !state_bf16)
-            chunk_f32_f32((float *)param, (const float *)grad, (float *)m, (float *)v, (float *)s, n, h,
-                          step, gate, maximize, st);
-        else if (!param_bf16)
+        char *m = (char *)w->m_buf + off, *v = (char *)w->v_buf + off, *s = (char *)w->s_buf + off;
+        const float step = w->steps[row[3]];
+        double *st = w->stats ? w->stats + 4 * c : 0;
+        if (!w->param_bf16 && !w->state_bf16)
+            chunk_f32_f32((float *)param, (const float *)grad, (float *)m, (float *)v, (float *)s, n,
+                          w->h, step, w->gate, w->maximize, st);
+        else if (!w->param_bf16)
             chunk_f32_bf16((float *)param, (const float *)grad, (uint16_t *)m, (uint16_t *)v,
-                           (uint16_t *)s, n, h, step, gate, maximize, st);
-        else if (!state_bf16)
+                           (uint16_t *)s, n, w->h, step, w->gate, w->maximize, st);
+        else if (!w->state_bf16)
             chunk_bf16_f32((uint16_t *)param, (const uint16_t *)grad, (float *)m, (float *)v, (float *)s,
-                           n, h, step, gate, maximize, st);
+                           n, w->h, step, w->gate, w->maximize, st);
         else
             chunk_bf16_bf16((uint16_t *)param, (const uint16_t *)grad, (uint16_t *)m, (uint16_t *)v,
-                            (uint16_t *)s, n, h, step, gate, maximize, st);
+                            (uint16_t *)s, n, w->h, step, w->gate, w->maximize, st);
     }
+    return 0;
+}
+
+#define MAX_THREADS 256
+
+/* rows: [tensors][4] int64 = param address, grad address, state offset, step slot.
+ * chunks: [nchunks][3] int64 = tensor, start, length (equal lengths but for each tensor's last).
+ * stats: [nchunks][4] or NULL. Chunks are split evenly over `threads` threads, the caller's one. */
+int snr_adamw_step(const int64_t *rows, const int64_t *chunks, int64_t nchunks, void *m_buf,
+                   void *v_buf, void *s_buf, const float *steps, const Hyper *h, int gate,
+                   int maximize, int param_bf16, int state_bf16, double *stats, int threads) {
+    Work work[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > nchunks) threads = (int)nchunks;
+    if (threads < 1) threads = 1;
+    for (int i = 0; i < threads; i++) {
+        Work w = {rows, chunks, m_buf, v_buf, s_buf, steps, h, gate, maximize, param_bf16, state_bf16,
+                  stats, nchunks * i / threads, nchunks * (i + 1) / threads};
+        work[i] = w;
+    }
+    int started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], 0, run_chunks, &work[started]) != 0) break;
+    for (int i = started; i < threads; i++) run_chunks(&work[i]); /* could not start: do it here */
+    run_chunks(&work[0]);
+    for (int i = 1; i < started; i++) pthread_join(ids[i], 0);
     return 0;
 }

@@ -43,7 +43,7 @@ def _bytes(impl: str, numel: int, dtype: torch.dtype) -> int:
     """The byte model: param and grad in their dtype, states in theirs."""
     p = torch.finfo(dtype).bits // 8
     if impl.startswith("AdamW"):
-        return numel * (2 * p + p + 2 * 2 * 4)  # read p, g, m, v; write p, m, v (fp32 states)
+        return numel * (2 * p + p + 2 * 2 * p)  # read p, g, m, v; write p, m, v (states in p's dtype)
     s = 2 if "bf16 state" in impl else 4
     return numel * (2 * p + p + 2 * 3 * s)  # read p, g, m, v, s; write p, m, v, s
 

@@ -24,7 +24,9 @@ from .flat_state import FlatState, as_real, is_dense
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 CHUNK = 1 << 15  # elements per work item: large enough to amortize, small enough to balance threads
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-std=c11"]
+PARALLEL_MIN = 1 << 18  # below this many elements a step runs on the calling thread alone
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-fno-math-errno",
+          "-std=c11"]
 GATE_IDS = {"none": 0, "snr": 1, "soft": 2, "hard": 3}
 
 _library: ctypes.CDLL | None = None
@@ -113,6 +115,7 @@ class _Tables:
             n = p.numel()
             chunks.extend([j, start, min(CHUNK, n - start)] for start in range(0, n, CHUNK))
         self.key = key
+        self.numel = sum(p.numel() for p in params)
         self.rows = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
         self.chunks = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 3)
         self.stats = torch.zeros(len(chunks), 4, dtype=torch.float64)
@@ -154,7 +157,8 @@ def cpu_step(flat: FlatState, params: list[Tensor], grads: list[Tensor], group: 
         bufs["exp_avg"].data_ptr(), bufs["exp_avg_sq"].data_ptr(), bufs["exp_grad_var"].data_ptr(),
         flat.steps.data_ptr(), ctypes.byref(hyper), GATE_IDS[group["gate"]], int(group["maximize"]),
         int(flat.dtype == torch.bfloat16), int(bufs["exp_avg"].dtype == torch.bfloat16),
-        tables.stats.data_ptr() if track_stats else None, torch.get_num_threads())
+        tables.stats.data_ptr() if track_stats else None,
+        torch.get_num_threads() if tables.numel >= PARALLEL_MIN else 1)
     for dst, src in write_back:
         dst.copy_(src)
     return tables.stats.sum(0) if track_stats else None

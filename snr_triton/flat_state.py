@@ -19,8 +19,46 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_grad_var")
 _ALIGN = 16  # elements: every segment starts on a 64-byte boundary (fp32) for vector loads
 
 
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2, tensor parallel): the update is elementwise, so each
+    rank steps its own shard. Plain tensors pass through."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _dtensor_class() -> type | None:
+    global _DTENSOR
+    if _DTENSOR is False:
+        _DTENSOR = None
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+
+            _DTENSOR = DTensor
+    return _DTENSOR
+
+
+_DTENSOR: type | None | bool = False
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
 def as_real(t: Tensor) -> Tensor:
+    """The local, real view of a param, grad or state: what the kernels walk."""
+    t = local(t)
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _like_param(view: Tensor, p: Tensor) -> Tensor:
+    """A state view shaped as the user sees its param: complex again, and a DTensor again with the
+    param's mesh and placements (so distributed checkpointing shards states like params)."""
+    if p.is_complex():
+        view = torch.view_as_complex(view)
+    if _is_dtensor(p):
+        view = _dtensor_class().from_local(view, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+    return view
 
 
 def is_dense(t: Tensor) -> bool:
@@ -37,12 +75,11 @@ def exp_grad_var_from_adam(exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
                            betas: tuple[float, float], rho: float) -> Tensor:
     """ALGORITHM.md: an AdamW checkpoint has no s; start from s-hat = max(v-hat - m-hat^2, 0)."""
     if step == 0:
-        return torch.zeros_like(exp_avg_sq)
+        return torch.zeros_like(as_real(exp_avg_sq))
     beta1, beta2 = betas
     m, v = as_real(exp_avg).double(), as_real(exp_avg_sq).double()
     shat = torch.clamp(v / (1 - beta2**step) - (m / (1 - beta1**step)) ** 2, min=0.0)
-    s = shat * (1 - rho**step)
-    return torch.view_as_complex(s.to(exp_avg.real.dtype)) if exp_avg.is_complex() else s
+    return shat * (1 - rho**step)  # local and real, as the flat buffers
 
 
 class FlatState:
@@ -69,33 +106,31 @@ class FlatState:
             # states with one linear index; others get contiguous states (and stand-ins there).
             dense = is_dense(r)
             old = state.get(p, {})
-            new = {"step": self.steps[i]}
+            views = {}
             for key in STATE_KEYS:
                 buf = self.buffers[key]
                 if dense:
-                    view = buf.as_strided(r.shape, r.stride(), self.offsets[i])
+                    views[key] = buf.as_strided(r.shape, r.stride(), self.offsets[i])
                 else:
-                    view = buf[self.offsets[i]:self.offsets[i] + r.numel()].view(r.shape)
-                new[key] = torch.view_as_complex(view) if p.is_complex() else view
-            self._adopt(old, new, group)
-            state[p] = new
+                    views[key] = buf[self.offsets[i]:self.offsets[i] + r.numel()].view(r.shape)
+            self._adopt(old, views, self.steps[i], group)
+            state[p] = {"step": self.steps[i], **{k: _like_param(v, p) for k, v in views.items()}}
 
     @staticmethod
-    def _adopt(old: dict, new: dict, group: dict) -> None:
-        """Copy existing state into the flat views; fill a missing exp_grad_var (AdamW checkpoint)."""
+    def _adopt(old: dict, views: dict, step: Tensor, group: dict) -> None:
+        """Copy existing state into the flat (local, real) views; fill a missing exp_grad_var
+        (an AdamW checkpoint)."""
         if not old:
             return
         if "step" in old:
-            step = old["step"]
-            new["step"].fill_(float(step.item() if isinstance(step, Tensor) else step))
-        for key in ("exp_avg", "exp_avg_sq"):
+            value = old["step"]
+            step.fill_(float(value.item() if isinstance(value, Tensor) else value))
+        for key in STATE_KEYS:
             if key in old:
-                new[key].copy_(old[key])
-        if "exp_grad_var" in old:
-            new["exp_grad_var"].copy_(old["exp_grad_var"])
-        elif "exp_avg" in old and "exp_avg_sq" in old:
-            new["exp_grad_var"].copy_(exp_grad_var_from_adam(
-                old["exp_avg"], old["exp_avg_sq"], float(new["step"].item()), group["betas"], group["rho"]))
+                views[key].copy_(as_real(old[key]))
+        if "exp_grad_var" not in old and "exp_avg" in old and "exp_avg_sq" in old:
+            views["exp_grad_var"].copy_(exp_grad_var_from_adam(
+                old["exp_avg"], old["exp_avg_sq"], float(step.item()), group["betas"], group["rho"]))
 
     def covers(self, params: Iterable[Tensor]) -> bool:
         return all(p in self.index for p in params)
