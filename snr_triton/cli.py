@@ -1,5 +1,5 @@
-"""The `snr-triton` command: `check` compares every backend here with the float64 reference;
-`bench` times them against torch.optim.AdamW."""
+"""The `snr-triton` command: `demo` grokking with AdamW and SNRAdamW side by side; `check` every
+backend here against the float64 reference; `bench` step times against torch.optim.AdamW."""
 
 from __future__ import annotations
 
@@ -65,6 +65,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(devices, sizes, args.steps, args.dtype, args.json)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    try:
+        import matplotlib  # noqa: F401
+        import tqdm  # noqa: F401
+    except ImportError:
+        print("snr-triton demo needs the demo extra: pip install 'snr-triton[demo]'", file=sys.stderr)
+        return 2
+    from .grokking import train_side_by_side
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = 300 if args.quick else args.steps
+    result = train_side_by_side(train_fraction=args.train_fraction, steps=steps, lr=args.lr,
+                                weight_decay=args.weight_decay, seed=args.seed, gate=args.gate,
+                                eval_every=50 if args.quick else 100, time_budget=args.time_budget)
+    print(f"\na*b^-1 mod 97, {result['config']['train_fraction']:.0%} of pairs for training, "
+          f"{result['steps_run']} steps in {result['seconds']:.0f} s (seed {args.seed})")
+    for name in ("AdamW", "SNRAdamW"):
+        s50, s95 = result["to_50"][name], result["to_95"][name]
+        print(f"  {name:9s} steps to 50% held-out: {s50 or 'not reached':>12}   to 95%: {s95 or 'not reached':>12}")
+    (out / "demo.json").write_text(json.dumps(result, indent=1))
+    _plot_demo(result, out / "demo.png")
+    print(f"wrote {out / 'demo.json'} and {out / 'demo.png'}")
+    return 0
+
+
+def _plot_demo(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, gate) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, color in (("AdamW", "tab:blue"), ("SNRAdamW", "tab:orange")):
+        c = result["curves"][name]
+        acc.plot(c["steps"], c["train_acc"], "--", color=color, label=f"{name} train")
+        acc.plot(c["steps"], c["test_acc"], "-", color=color, label=f"{name} held out")
+    acc.set_xlabel("step")
+    acc.set_ylabel("accuracy")
+    acc.set_title("grokking a*b^-1 mod 97")
+    acc.legend()
+    c = result["curves"]["SNRAdamW"]
+    if c["gate"]:
+        gate.plot(c["steps"], [g[0] for g in c["gate"]], label="mean gate q")
+        gate.plot(c["steps"], [g[1] for g in c["gate"]], label="fraction with m-hat^2 > alpha s-hat")
+    gate.set_xlabel("step")
+    gate.set_title("SNRAdamW monitor (opt.stats())")
+    gate.legend()
+    for ax in (acc, gate):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="snr-triton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--steps", type=int, default=20, help="timed steps per implementation (default 20)")
     bench.add_argument("--json", help="also write the results here (bench/plot.py draws them)")
     bench.set_defaults(func=cmd_bench)
+    demo = sub.add_parser("demo", help="grokking a/b mod 97: AdamW and SNRAdamW side by side (<= 5 min)")
+    demo.add_argument("--steps", type=int, default=40000, help="at most this many steps (default 40000)")
+    demo.add_argument("--time-budget", type=float, default=270.0, help="stop after this many seconds (270)")
+    demo.add_argument("--train-fraction", type=float, default=0.25, help="share of pairs to train on (0.25)")
+    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--weight-decay", type=float, default=1.0)
+    demo.add_argument("--gate", default="snr", choices=["snr", "soft", "hard", "none"])
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="snr-demo", help="folder for demo.png and demo.json (snr-demo)")
+    demo.add_argument("--quick", action="store_true", help="300 steps: a smoke test of the whole pipeline")
+    demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,130 @@
+"""The grokking task of the paper: a * b^-1 mod p from a fraction of all pairs.
+
+Used by `snr-triton demo` and bench/paper/grokking.py: the same data, model and training
+loop for both optimizers, so the only difference between the runs is the optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def modular_inverse(b: int, p: int) -> int:
+    """b^-1 mod p for prime p (Fermat)."""
+    if b % p == 0:
+        raise ValueError(f"0 has no inverse mod {p}")
+    return pow(b, p - 2, p)
+
+
+def division_dataset(p: int = 97, train_fraction: float = 0.25, seed: int = 0):
+    """All pairs (a, b), b != 0, labelled a * b^-1 mod p, split at random into train and held out."""
+    a = torch.arange(p).repeat_interleave(p - 1)
+    b = torch.arange(1, p).repeat(p)
+    inv = torch.tensor([modular_inverse(int(x), p) for x in range(1, p)])
+    y = (a * inv[b - 1]) % p
+    perm = torch.randperm(len(a), generator=torch.Generator().manual_seed(seed))
+    n_train = int(round(train_fraction * len(a)))
+    x = torch.stack([a, b], 1)
+    return (x[perm[:n_train]], y[perm[:n_train]]), (x[perm[n_train:]], y[perm[n_train:]])
+
+
+class DivisionMLP(torch.nn.Module):
+    """Embed a and b, concatenate, one hidden layer: small enough to grok on a CPU in minutes."""
+
+    def __init__(self, p: int = 97, dim: int = 64, hidden: int = 256):
+        super().__init__()
+        self.embed = torch.nn.Embedding(p, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(2 * dim, hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.embed(x).flatten(1))
+
+
+@dataclass
+class Curve:
+    steps: list
+    train_acc: list
+    test_acc: list
+    gate: list  # (mean_gate, frac_above) per evaluation, SNRAdamW only
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def first_step_at(curve: Curve, threshold: float) -> int | None:
+    for step, acc in zip(curve.steps, curve.test_acc):
+        if acc >= threshold:
+            return step
+    return None
+
+
+def train_side_by_side(*, p: int = 97, train_fraction: float = 0.25, steps: int = 40000,
+                       lr: float = 3e-3, weight_decay: float = 1.0, batch_size: int = 512,
+                       seed: int = 0, eval_every: int = 100, time_budget: float | None = None,
+                       gate: str = "snr", alpha: float | None = None, progress: bool = True) -> dict:
+    """AdamW and SNRAdamW on the same data, model init and batches, one step of each in turn.
+
+    Stops when both reach 95% held-out accuracy, at `steps`, or after `time_budget` seconds.
+    alpha defaults to the finite-data value b/(n-b). Returns curves and steps to 50%/95%.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from .hyperparams import finite_alpha
+    from .optimizer import SNRAdamW
+
+    (xt, yt), (xv, yv) = division_dataset(p, train_fraction, seed)
+    alpha = finite_alpha(batch_size, len(xt)) if alpha is None else alpha
+    torch.manual_seed(seed)
+    init = DivisionMLP(p)
+    models = {"AdamW": init, "SNRAdamW": DivisionMLP(p)}
+    models["SNRAdamW"].load_state_dict(init.state_dict())
+    betas = (0.9, 0.98)
+    opts = {
+        "AdamW": torch.optim.AdamW(models["AdamW"].parameters(), lr=lr, weight_decay=weight_decay, betas=betas),
+        "SNRAdamW": SNRAdamW(models["SNRAdamW"].parameters(), lr=lr, weight_decay=weight_decay, betas=betas,
+                             gate=gate, alpha=alpha, track_stats=True),
+    }
+    curves = {name: Curve([], [], [], []) for name in models}
+    gen = torch.Generator().manual_seed(seed + 1)
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="grokking a/b mod %d" % p, disable=not progress, unit="step")
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(xt), (batch_size,), generator=gen)
+        for name, model in models.items():
+            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opts[name].zero_grad()
+            loss.backward()
+            opts[name].step()
+        bar.update(1)
+        if step % eval_every == 0 or step == steps:
+            for name, model in models.items():
+                c = curves[name]
+                c.steps.append(step)
+                c.train_acc.append(accuracy(model, xt, yt))
+                c.test_acc.append(accuracy(model, xv, yv))
+                if name == "SNRAdamW":
+                    st = opts[name].stats()
+                    c.gate.append((st["mean_gate"], st["frac_above"]))
+            bar.set_postfix({n: f"{curves[n].test_acc[-1]:.2f}" for n in models})
+            done = all(first_step_at(c, 0.95) is not None for c in curves.values())
+            if done or (time_budget is not None and time.perf_counter() - start > time_budget):
+                break
+    bar.close()
+    result = {
+        "config": dict(p=p, train_fraction=train_fraction, lr=lr, weight_decay=weight_decay,
+                       batch_size=batch_size, seed=seed, gate=gate, alpha=alpha, betas=betas,
+                       train_size=len(xt), model="DivisionMLP(dim=64, hidden=256)"),
+        "seconds": time.perf_counter() - start,
+        "steps_run": curves["AdamW"].steps[-1] if curves["AdamW"].steps else 0,
+        "to_50": {n: first_step_at(c, 0.5) for n, c in curves.items()},
+        "to_95": {n: first_step_at(c, 0.95) for n, c in curves.items()},
+        "curves": {n: vars(c) for n, c in curves.items()},
+    }
+    return result

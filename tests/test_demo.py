@@ -1,0 +1,40 @@
+"""The grokking task generator and `snr-triton demo --quick` end to end."""
+
+import json
+
+import pytest
+import torch
+
+from snr_triton.cli import main
+from snr_triton.grokking import division_dataset, modular_inverse
+
+
+@pytest.mark.parametrize("p", [5, 97])
+def test_modular_inverse(p):
+    for b in range(1, p):
+        assert b * modular_inverse(b, p) % p == 1
+    with pytest.raises(ValueError):
+        modular_inverse(0, p)
+
+
+def test_division_dataset():
+    (xt, yt), (xv, yv) = division_dataset(97, 0.25, seed=3)
+    assert len(xt) + len(xv) == 97 * 96 and len(xt) == round(0.25 * 97 * 96)
+    for x, y in ((xt, yt), (xv, yv)):
+        a, b = x[:, 0], x[:, 1]
+        assert torch.all(b > 0) and torch.all((y * b - a) % 97 == 0)  # y = a / b mod 97
+    pairs = {tuple(r) for r in xt.tolist()} | {tuple(r) for r in xv.tolist()}
+    assert len(pairs) == 97 * 96  # disjoint and complete
+
+
+def test_demo_quick(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert result["steps_run"] == 300 and set(result["to_95"]) == {"AdamW", "SNRAdamW"}
+    gate = result["curves"]["SNRAdamW"]["gate"]
+    assert len(gate) == 6 and all(0 <= q <= 1 and 0 <= f <= 1 for q, f in gate)
+    out = capsys.readouterr().out
+    assert "steps to 50% held-out" in out and "AdamW" in out
