@@ -69,6 +69,20 @@ def _gate(mhat2: list[Tensor], shat: list[Tensor], group: dict[str, Any]) -> lis
     raise AssertionError(gate)
 
 
+PIECE = 1 << 20  # elements: large tensors are stepped in pieces ...
+BATCH = 1 << 22  # ... and pieces in batches, so temporaries stay bounded whatever the model size
+
+
+def _pieces(tensors: list[list[Tensor]], ts: list[float]):
+    """Split (param, grad, m, v, s) quintuples into flat pieces of at most PIECE elements."""
+    for quint, t in zip(zip(*tensors), ts):
+        if quint[0].numel() > PIECE and all(x.is_contiguous() for x in quint):
+            for parts in zip(*(x.view(-1).split(PIECE) for x in quint)):
+                yield parts, t
+        else:
+            yield quint, t
+
+
 def eager_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                exp_avg_sqs: list[Tensor], exp_grad_vars: list[Tensor], steps: list[Tensor],
                group: dict[str, Any], *, grad_scale: Tensor | None = None,
@@ -81,24 +95,41 @@ def eager_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     if not params:
         return None
     cdt = compute_dtype(params[0].dtype)
-    no_stats = torch.zeros(4, dtype=cdt, device=params[0].device) if track_stats else None
+    sums = torch.zeros(4, dtype=cdt, device=params[0].device) if track_stats else None
     if found_inf is not None and found_inf.item() != 0:
-        return no_stats
+        return sums
+    torch._foreach_add_(steps, 1)
+    ts = [float(t) for t in torch.stack(steps).tolist()]
+    inv_scale = 1.0 / grad_scale.item() if grad_scale is not None else None
+    batch, size = [], 0
+    for piece in _pieces([params, grads, exp_avgs, exp_avg_sqs, exp_grad_vars], ts):
+        batch.append(piece)
+        size += piece[0][0].numel()
+        if size >= BATCH:
+            sums = _step_pieces(batch, group, cdt, inv_scale, sums, stochastic_rounding, generator)
+            batch, size = [], 0
+    if batch:
+        sums = _step_pieces(batch, group, cdt, inv_scale, sums, stochastic_rounding, generator)
+    return sums
+
+
+def _step_pieces(batch, group: dict[str, Any], cdt: torch.dtype, inv_scale: float | None,
+                 sums: Tensor | None, stochastic_rounding: bool, generator) -> Tensor | None:
+    params, grads, exp_avgs, exp_avg_sqs, exp_grad_vars = (list(x) for x in zip(*(q for q, _ in batch)))
+    ts = [t for _, t in batch]
+    track_stats = sums is not None
     beta1, beta2 = group["betas"]
     rho, eps, wd, alpha = group["rho"], group["eps"], group["weight_decay"], group["alpha"]
     lr = group["lr"]
     lr = lr.item() if isinstance(lr, Tensor) else float(lr)
-
-    torch._foreach_add_(steps, 1)
-    ts = [float(t) for t in torch.stack(steps).tolist()]
 
     p = _upcast(params, cdt)
     g = _upcast(grads, cdt)
     m = _upcast(exp_avgs, cdt)
     v = _upcast(exp_avg_sqs, cdt)
     s = _upcast(exp_grad_vars, cdt)
-    if grad_scale is not None:
-        g = torch._foreach_div(g, grad_scale.item())
+    if inv_scale is not None:
+        g = torch._foreach_mul(g, inv_scale)
     if group["maximize"]:
         g = torch._foreach_neg(g)
 
@@ -119,7 +150,6 @@ def eager_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     torch._foreach_add_(denom, eps)
     step_size = [-lr / b for b in bc1]
 
-    sums = None
     gated = [i for i, t in enumerate(ts) if group["gate"] != "none" and t > group["warmup_steps"]]
     if gated or track_stats:
         mhat2 = torch._foreach_div(m, bc1)
@@ -142,12 +172,12 @@ def eager_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
         torch._foreach_addcdiv_([p[i] for i in plain], [m[i] for i in plain],
                                 [denom[i] for i in plain], [step_size[i] for i in plain])
     if track_stats:
-        sums = torch.stack([
+        sums = sums + torch.stack([
             sum(x.sum() for x in q_all),
             sum((a > b).sum() for a, b in zip(mhat2, noise)).to(cdt),
             sum(x.sum() for x in mhat2),
             sum(x.sum() for x in noise),
-        ]) if m else no_stats
+        ])
 
     _store(params, p, stochastic_rounding, generator)
     _store(exp_avgs, m)
