@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flat_state import FlatState, as_real, is_dense
+from .flat_state import FlatState, kernel_operands
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 CHUNK = 1 << 15  # elements per work item: large enough to amortize, small enough to balance threads
@@ -128,16 +128,7 @@ def cpu_step(flat: FlatState, params: list[Tensor], grads: list[Tensor], group: 
     if found_inf is not None and found_inf.item() != 0:  # a CPU tensor: no device to wait for
         return torch.zeros(4, dtype=torch.float64) if track_stats else None
     slots = [flat.index[p] for p in params]
-    real_p = [as_real(p) for p in params]
-    real_g = [as_real(g) for g in grads]
-    write_back = []
-    for k, (p, g) in enumerate(zip(real_p, real_g)):
-        if not is_dense(p):
-            real_p[k], real_g[k] = p.contiguous(), g.contiguous()
-            write_back.append((p, real_p[k]))
-        elif g.stride() != p.stride():
-            real_g[k] = torch.empty_like(p).copy_(g)
-    key = (tuple(slots), tuple(p.data_ptr() for p in real_p), tuple(g.data_ptr() for g in real_g))
+    real_p, real_g, write_back, key = kernel_operands(params, grads, slots)
     tables = getattr(flat, "_cpu_tables", None)
     if tables is None or tables.key != key:
         tables = flat._cpu_tables = _Tables(key, real_p, real_g, [flat.offsets[i] for i in slots], slots)

@@ -82,6 +82,27 @@ def exp_grad_var_from_adam(exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
     return shat * (1 - rho**step)  # local and real, as the flat buffers
 
 
+def kernel_operands(params: list[Tensor], grads: list[Tensor], slots: list[int]):
+    """What a fused kernel walks: local real views of params and grads, one linear index each.
+
+    A param that is not dense gets a contiguous stand-in (copied back by the caller through
+    `write_back` after the step); a grad with other strides than its param gets a copy in the
+    param's layout. `key` identifies the storages, so address tables are rebuilt only when one
+    moves (a new grad after zero_grad(set_to_none=True), `p.data = ...`, another active set).
+    """
+    real_p = [as_real(p) for p in params]
+    real_g = [as_real(g) for g in grads]
+    write_back = []
+    for k, (p, g) in enumerate(zip(real_p, real_g)):
+        if not is_dense(p):
+            real_p[k], real_g[k] = p.contiguous(), g.contiguous()
+            write_back.append((p, real_p[k]))
+        elif g.stride() != p.stride():
+            real_g[k] = torch.empty_like(p).copy_(g)
+    key = (tuple(slots), tuple(p.data_ptr() for p in real_p), tuple(g.data_ptr() for g in real_g))
+    return real_p, real_g, write_back, key
+
+
 class FlatState:
     """The states of one bucket; `params` fixes the order of segments."""
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flat_state import FlatState, as_real, is_dense
+from .flat_state import FlatState, kernel_operands
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024
@@ -120,17 +120,7 @@ def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_a
     non-empty `stats` (shape [4]) the gate statistics of this step are written there.
     """
     dev = steps.device
-    real_p = [as_real(p) for p in params]
-    real_g = [as_real(g) for g in grads]
-    # Tensors the kernel cannot walk linearly get contiguous stand-ins, written back after.
-    write_back = []
-    for k, (p, g) in enumerate(zip(real_p, real_g)):
-        if not is_dense(p):
-            real_p[k], real_g[k] = p.contiguous(), g.contiguous()
-            write_back.append((p, real_p[k]))
-        elif g.stride() != p.stride():
-            real_g[k] = torch.empty_like(p).copy_(g)
-    key = (tuple(slots), tuple(p.data_ptr() for p in real_p), tuple(g.data_ptr() for g in real_g))
+    real_p, real_g, write_back, key = kernel_operands(params, grads, slots)
     tables = getattr(exp_avg, "_snr_tables", None)
     if tables is None or tables.key != key:
         tables = _Tables(key, real_p, real_g, offsets, slots, steps.numel(), dev)
