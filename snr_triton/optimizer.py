@@ -36,7 +36,7 @@ class SNRAdamW(Optimizer):
 
     backend: "auto" (Triton for CUDA tensors, the fused C kernel for CPU tensors, eager for what
         neither serves), "triton", "cpu", "eager".
-    state_dtype: torch.float32 (default) or torch.bfloat16 to cut state bytes (Triton and eager).
+    state_dtype: torch.float32 (default) or torch.bfloat16 to cut state bytes (every backend).
     stochastic_rounding: round bf16 params stochastically when storing them.
     track_stats: keep the gate statistics of the last step for `stats()`.
     """
@@ -101,7 +101,7 @@ class SNRAdamW(Optimizer):
     # ----------------------------------------------------------------- state
     def _reset_caches(self) -> None:
         self._flat: dict[tuple, FlatState] = {}
-        self._stats: list[Tensor | None] = []
+        self._stats: list[tuple | None] = []  # per group: (elements, device sums, found_inf)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
