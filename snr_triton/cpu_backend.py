@@ -57,9 +57,22 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _cpu_signature() -> bytes:
+    """-march=native code runs only on CPUs like this one: a cache shared between machines (an NFS
+    home) must not hand one machine's library to another."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return b"".join(sorted({line for line in f if line.startswith((b"model name", b"flags"))}))
+    except OSError:
+        import platform
+
+        return (platform.machine() + platform.processor()).encode()
+
+
 def library_path() -> Path:
     source = _source().read_bytes()
-    tag = hashlib.sha256(source + " ".join(_FLAGS).encode() + str(_compiler()).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source + " ".join(_FLAGS).encode() + str(_compiler()).encode()
+                         + _cpu_signature()).hexdigest()[:16]
     return cache_dir() / f"snr_adamw_cpu-{tag}.so"
 
 

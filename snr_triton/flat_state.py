@@ -10,6 +10,7 @@ rebuilt at any time without losing anything.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
@@ -25,18 +26,13 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+@functools.cache
 def _dtensor_class() -> type | None:
-    global _DTENSOR
-    if _DTENSOR is False:
-        _DTENSOR = None
-        if torch.distributed.is_available():
-            from torch.distributed.tensor import DTensor
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
 
-            _DTENSOR = DTensor
-    return _DTENSOR
-
-
-_DTENSOR: type | None | bool = False
+    return DTensor
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -57,7 +53,7 @@ def _like_param(view: Tensor, p: Tensor) -> Tensor:
         view = torch.view_as_complex(view)
     if _is_dtensor(p):
         view = _dtensor_class().from_local(view, p.device_mesh, p.placements, run_check=False,
-                                  shape=p.shape, stride=p.stride())
+                                           shape=p.shape, stride=p.stride())
     return view
 
 
