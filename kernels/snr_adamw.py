@@ -11,14 +11,13 @@ once and theta, m, v, s written once: ALGORITHM.md's 36 bytes per fp32 element.
 import triton
 import triton.language as tl
 
-# Columns of the int64 metadata table, one row per tensor.
-META_PARAM_ADDR, META_GRAD_ADDR, META_STATE_OFFSET, META_NUMEL, META_FIRST_BLOCK, META_STEP_SLOT = range(6)
-META_COLUMNS = 6
+# The int64 metadata table has one row per tensor: param address, grad address, state offset,
+# numel, first block, step slot (built by snr_triton/triton_backend.py, read as row + 0..5).
 
 GATE_IDS = {"none": 0, "snr": 1, "soft": 2, "hard": 3}
 
-# Columns of the float32 statistics table, one row per program (see SNRAdamW.stats()).
-STAT_GATE_SUM, STAT_ABOVE, STAT_SIGNAL, STAT_NOISE = range(4)
+# The float32 statistics table has one row per program: sum of q, count with m-hat^2 > alpha
+# s-hat, sum of m-hat^2, sum of alpha s-hat (see SNRAdamW.stats()).
 STAT_COLUMNS = 4
 
 

@@ -28,6 +28,15 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as c10::
     return (uint16_t)((x.u + 0x7FFF + ((x.u >> 16) & 1)) >> 16);
 }
 
+/* Calls LOOP with the gate and the stats flag as compile-time constants. */
+#define GATE_SWITCH(LOOP, STATS)                                                                    \
+    switch (gate) {                                                                                 \
+    case GATE_SNR: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SNR, STATS); break;    \
+    case GATE_SOFT: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SOFT, STATS); break;  \
+    case GATE_HARD: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_HARD, STATS); break;  \
+    default: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_NONE, STATS);                \
+    }
+
 /* One chunk; P and S are the param and state storage types (float or uint16_t = bf16). GATE and
  * STATS are compile-time constants at every call, so each variant is a branch-free, vectorized loop. */
 #define DEFINE_CHUNK(NAME, P, LOADP, STOREP, S, LOADS, STORES)                                      \
@@ -82,21 +91,8 @@ static void NAME(P *param, const P *grad, S *m, S *v, S *s, int64_t n, const Hyp
                  int gate, int maximize, double *stats) {                                           \
     const double t = step;                                                                          \
     if (t <= (double)h->warmup_steps) gate = GATE_NONE;                                            \
-    if (stats) {                                                                                    \
-        switch (gate) {                                                                             \
-        case GATE_SNR: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SNR, 1); break; \
-        case GATE_SOFT: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SOFT, 1); break; \
-        case GATE_HARD: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_HARD, 1); break; \
-        default: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_NONE, 1);        \
-        }                                                                                           \
-    } else {                                                                                        \
-        switch (gate) {                                                                             \
-        case GATE_SNR: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SNR, 0); break; \
-        case GATE_SOFT: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SOFT, 0); break; \
-        case GATE_HARD: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_HARD, 0); break; \
-        default: NAME##_loop(param, grad, m, v, s, n, h, t, maximize, stats, GATE_NONE, 0);        \
-        }                                                                                           \
-    }                                                                                               \
+    if (stats) GATE_SWITCH(NAME##_loop, 1)                                                          \
+    else GATE_SWITCH(NAME##_loop, 0)                                                                \
 }
 
 #define ID(x) (x)

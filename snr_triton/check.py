@@ -6,7 +6,6 @@ what CI asserts.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -109,9 +108,3 @@ def passes(case: Case, err: dict[str, float]) -> bool:
     states = max(err["exp_avg"], err["exp_avg_sq"], err["exp_grad_var"])
     return err["param"] <= param_tol and states <= state_tol and err["step"] == 0
 
-
-def copy_case(case: Case, **changes) -> Case:
-    new = copy.deepcopy(case)
-    for k, v in changes.items():
-        setattr(new, k, v)
-    return new
