@@ -121,7 +121,7 @@ def cpu_unavailable_reason() -> str | None:
 
 class _Tables:
     def __init__(self, key: tuple, params: list[Tensor], grads: list[Tensor], offsets: list[int],
-                 slots: list[int]):
+                 slots: list[int], num_slots: int):
         rows, chunks = [], []
         for j, (p, g, off, slot) in enumerate(zip(params, grads, offsets, slots)):
             rows.append([p.data_ptr(), g.data_ptr(), off, slot])
@@ -132,6 +132,8 @@ class _Tables:
         self.rows = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
         self.chunks = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 3)
         self.stats = torch.zeros(len(chunks), 4, dtype=torch.float64)
+        self.all_active = list(slots) == list(range(num_slots))
+        self.slots = torch.tensor(slots, dtype=torch.int64)
 
 
 def cpu_step(flat: FlatState, params: list[Tensor], grads: list[Tensor], group: dict[str, Any], *,
@@ -144,12 +146,13 @@ def cpu_step(flat: FlatState, params: list[Tensor], grads: list[Tensor], group: 
     real_p, real_g, write_back, key = kernel_operands(params, grads, slots)
     tables = getattr(flat, "_cpu_tables", None)
     if tables is None or tables.key != key:
-        tables = flat._cpu_tables = _Tables(key, real_p, real_g, [flat.offsets[i] for i in slots], slots)
+        tables = flat._cpu_tables = _Tables(key, real_p, real_g, [flat.offsets[i] for i in slots], slots,
+                                            len(flat.params))
 
-    if len(slots) == len(flat.params):
+    if tables.all_active:
         flat.steps.add_(1)
     else:
-        flat.steps.index_add_(0, torch.tensor(slots), torch.ones(len(slots)))
+        flat.steps.index_add_(0, tables.slots, torch.ones(len(slots)))
     beta1, beta2 = group["betas"]
     lr = group["lr"]
     hyper = _Hyper(beta1, beta2, group["rho"], group["eps"], group["weight_decay"], group["alpha"],

@@ -278,3 +278,20 @@ def test_backend_auto_picks_the_fused_kernel_of_the_device():
     assert SNRAdamW([p64]).backend_of(p64) == "eager"
     if p.device.type == "cpu":
         assert SNRAdamW([p], stochastic_rounding=True).backend_of(p) == "eager"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_with_state_but_no_grad_is_left_alone(backend):
+    """A param stepped before but without a grad now: its step and state stay (index path)."""
+    shapes = [(9,), (5,), (4,)]
+    params = make_params(shapes)
+    p0 = [p.detach().clone() for p in params]
+    grads = grad_stream(shapes, 4)
+    schedule = [grads[0], [grads[1][0], None, grads[1][2]], [None, grads[2][1], None], grads[3]]
+    opt = SNRAdamW(params, lr=1e-2, alpha=0.7, backend=backend)
+    run(opt, params, schedule)
+    refs, states = reference_run(p0, schedule, [dict(DEFAULTS, lr=1e-2, alpha=0.7)] * 3)
+    for p, r, st in zip(params, refs, states):
+        assert opt.state[p]["step"].item() == st["step"]
+        assert rel(p, r) <= 4 * EPS32
+    assert [opt.state[p]["step"].item() for p in params] == [3, 3, 3]
