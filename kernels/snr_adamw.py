@@ -11,14 +11,28 @@ once and theta, m, v, s written once: ALGORITHM.md's 36 bytes per fp32 element.
 import triton
 import triton.language as tl
 
-# The int64 metadata table has one row per tensor: param address, grad address, state offset,
-# numel, first block, step slot (built by snr_triton/triton_backend.py, read as row + 0..5).
+from snr_triton import contract
 
-GATE_IDS = {"none": 0, "snr": 1, "soft": 2, "hard": 3}
-
-# The float32 statistics table has one row per program: sum of q, count with m-hat^2 > alpha
-# s-hat, sum of m-hat^2, sum of alpha s-hat (see SNRAdamW.stats()).
-STAT_COLUMNS = 4
+# The contract (snr_triton/contract.py) as compile-time constants: table columns, gate ids,
+# stats columns, state alignment.
+ROW_COLUMNS = tl.constexpr(len(contract.ROW))
+PARAM_ADDR = tl.constexpr(contract.ROW.index("param_addr"))
+GRAD_ADDR = tl.constexpr(contract.ROW.index("grad_addr"))
+STATE_OFFSET = tl.constexpr(contract.ROW.index("state_offset"))
+NUMEL = tl.constexpr(contract.ROW.index("numel"))
+FIRST_BLOCK = tl.constexpr(contract.ROW.index("first_block"))
+STEP_SLOT = tl.constexpr(contract.ROW.index("step_slot"))
+RNG_SEED = tl.constexpr(contract.ROW.index("rng_seed"))
+GATE_NONE = tl.constexpr(contract.GATE_IDS["none"])
+GATE_SNR = tl.constexpr(contract.GATE_IDS["snr"])
+GATE_SOFT = tl.constexpr(contract.GATE_IDS["soft"])
+GATE_HARD = tl.constexpr(contract.GATE_IDS["hard"])
+STAT_COLUMNS = tl.constexpr(len(contract.STATS))
+SUM_Q = tl.constexpr(contract.STATS.index("sum_q"))
+COUNT_ABOVE = tl.constexpr(contract.STATS.index("count_above"))
+SUM_SIGNAL = tl.constexpr(contract.STATS.index("sum_signal"))
+SUM_NOISE = tl.constexpr(contract.STATS.index("sum_noise"))
+ALIGN = tl.constexpr(contract.ALIGN)
 
 
 @triton.jit
@@ -63,20 +77,20 @@ def snr_adamw_kernel(
     lr, lr_ptr, grad_scale_ptr, found_inf_ptr, stats_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho,
     lb1_hi, lb1_lo, lb2_hi, lb2_lo, lrho_hi, lrho_lo,
-    eps, weight_decay, alpha, softness, gate_eps, warmup_steps, seed,
+    eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
     PARAM_DTYPE: tl.constexpr, GATE: tl.constexpr, MAXIMIZE: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr, TRACK_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
-    row = meta_ptr + tensor * 6
-    param_addr = tl.load(row + 0)
-    grad_addr = tl.load(row + 1)
-    state_offset = tl.multiple_of(tl.load(row + 2), 16)
-    numel = tl.load(row + 3)
-    first_block = tl.load(row + 4)
-    step_slot = tl.load(row + 5)
+    row = meta_ptr + tensor * ROW_COLUMNS
+    param_addr = tl.load(row + PARAM_ADDR)
+    grad_addr = tl.load(row + GRAD_ADDR)
+    state_offset = tl.multiple_of(tl.load(row + STATE_OFFSET), ALIGN)
+    numel = tl.load(row + NUMEL)
+    first_block = tl.load(row + FIRST_BLOCK)
+    step_slot = tl.load(row + STEP_SLOT)
 
     if HAS_FOUND_INF:  # GradScaler found inf/nan: read nothing, write nothing
         numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
@@ -112,15 +126,15 @@ def snr_adamw_kernel(
 
     denom = tl.sqrt_rn(v) / tl.sqrt_rn(bc2) + eps
     mhat = m / bc1
-    shat = s / bc3
     signal = mhat * mhat
+    shat = tl.where(t == 1.0, signal, s / bc3)  # ALGORITHM.md: at t = 1 the gate uses s-hat := m-hat^2
     noise = alpha * shat
-    if GATE == 1:  # snr
+    if GATE == GATE_SNR:
         q = signal / (signal + softness * noise + gate_eps)
-    elif GATE == 2:  # soft
+    elif GATE == GATE_SOFT:
         d = tl.maximum(signal - noise, 0.0)
         q = d / (d + softness * shat + gate_eps)
-    elif GATE == 3:  # hard
+    elif GATE == GATE_HARD:
         q = tl.where(signal > noise, 1.0, 0.0)
     else:  # none
         q = tl.full([BLOCK], 1.0, tl.float32)
@@ -130,7 +144,9 @@ def snr_adamw_kernel(
     p = p - (lr / bc1) * (q * m / denom)
 
     if STOCHASTIC_ROUNDING:
-        tl.store(param_ptr, _stochastic_round_bf16(p, seed, state_idx + (t.to(tl.int64) << 40)), mask=mask)
+        # the param's own stream (its seed), varied by element and step
+        seed = tl.load(row + RNG_SEED)
+        tl.store(param_ptr, _stochastic_round_bf16(p, seed, offs + (t.to(tl.int64) << 40)), mask=mask)
     else:
         _store_as(param_ptr, p, mask)
     _store_as(exp_avg_ptr + state_idx, m, mask)
@@ -139,8 +155,8 @@ def snr_adamw_kernel(
 
     if TRACK_STATS:  # partial sums per program, reduced on the device when stats() is read
         zero = tl.zeros([BLOCK], tl.float32)
-        stats_row = stats_ptr + pid * 4
-        tl.store(stats_row + 0, tl.sum(tl.where(mask, q, zero)))
-        tl.store(stats_row + 1, tl.sum(tl.where(mask & (signal > noise), 1.0, zero)))
-        tl.store(stats_row + 2, tl.sum(tl.where(mask, signal, zero)))
-        tl.store(stats_row + 3, tl.sum(tl.where(mask, noise, zero)))
+        stats_row = stats_ptr + pid * STAT_COLUMNS
+        tl.store(stats_row + SUM_Q, tl.sum(tl.where(mask, q, zero)))
+        tl.store(stats_row + COUNT_ABOVE, tl.sum(tl.where(mask & (signal > noise), 1.0, zero)))
+        tl.store(stats_row + SUM_SIGNAL, tl.sum(tl.where(mask, signal, zero)))
+        tl.store(stats_row + SUM_NOISE, tl.sum(tl.where(mask, noise, zero)))

@@ -1,16 +1,21 @@
 /* The fused SNR-AdamW step for CPU tensors: one pass per element, the CPU twin of snr_adamw.py.
  *
- * Compiled on first use by snr_triton/cpu_backend.py (the system C compiler, -O3) and cached on
+ * Compiled on first use by snr_triton/backend/cpu.py (the system C compiler, -O3) and cached on
  * disk, so later processes start at once. Threads are plain pthreads, not OpenMP: a second OpenMP
  * runtime beside torch's own would share the process badly. Work is a table of chunks, each a slice of
  * one tensor; params and grads are reached through an address table, states through one flat
  * buffer per state. Math in float32, bias corrections in float64 once per chunk.
+ *
+ * The contract (gate ids, table columns, stats columns) is not written here: it comes from
+ * snr_triton/contract.py as -D defines when snr_triton/backend/cpu.py compiles this file.
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 
-enum { GATE_NONE = 0, GATE_SNR = 1, GATE_SOFT = 2, GATE_HARD = 3 };
+#if !defined(GATE_SNR) || !defined(ROW_COLUMNS) || !defined(STAT_COLUMNS)
+#error "compile through snr_triton/backend/cpu.py: it passes the kernel contract as -D defines"
+#endif
 
 typedef struct {
     double beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps, lr, inv_grad_scale;
@@ -55,6 +60,7 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
     const float decay = (float)(1.0 - h->lr * h->weight_decay);                                    \
     const float step_size = (float)(h->lr / (1.0 - pow(h->beta1, t)));                            \
     const float sign = (float)(maximize ? -h->inv_grad_scale : h->inv_grad_scale);                 \
+    const int first = t == 1.0;                                                                    \
     double sum_q = 0, sum_above = 0, sum_signal = 0, sum_noise = 0;                                \
     _Pragma("omp simd reduction(+:sum_q,sum_above,sum_signal,sum_noise)")                         \
     for (int64_t i = 0; i < n; i++) {                                                              \
@@ -67,7 +73,7 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         const float denom = sqrtf(v) * inv_bc2_sqrt + eps;                                         \
         const float mhat = m * inv_bc1;                                                            \
         const float signal = mhat * mhat;                                                          \
-        const float shat = s * inv_bc3;                                                            \
+        const float shat = first ? signal : s * inv_bc3; /* ALGORITHM.md: s-hat := m-hat^2 at t=1 */\
         const float noise = alpha * shat;                                                          \
         const float d = fmaxf(signal - noise, 0.0f);                                               \
         const float q = GATE == GATE_SNR ? signal / (signal + lam * noise + delta)                 \
@@ -84,7 +90,8 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         }                                                                                          \
     }                                                                                              \
     if (STATS) {                                                                                   \
-        stats[0] = sum_q; stats[1] = sum_above; stats[2] = sum_signal; stats[3] = sum_noise;       \
+        stats[STAT_SUM_Q] = sum_q; stats[STAT_COUNT_ABOVE] = sum_above;                            \
+        stats[STAT_SUM_SIGNAL] = sum_signal; stats[STAT_SUM_NOISE] = sum_noise;                    \
     }                                                                                              \
 }                                                                                                   \
 static void NAME(P *param, const P *grad, S *m, S *v, S *s, int64_t n, const Hyper *h, float step, \
@@ -102,7 +109,9 @@ DEFINE_CHUNK(chunk_bf16_f32, uint16_t, bf16_to_f32, f32_to_bf16, float, ID, ID)
 DEFINE_CHUNK(chunk_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
 typedef struct {
-    const int64_t *rows, *chunks;
+    const int64_t *rows;
+    const int32_t *block_tensor;
+    int64_t block;
     void *m_buf, *v_buf, *s_buf;
     const float *steps;
     const Hyper *h;
@@ -115,14 +124,15 @@ static void *run_chunks(void *arg) {
     const Work *w = (const Work *)arg;
     const int64_t state_size = w->state_bf16 ? 2 : 4, param_size = w->param_bf16 ? 2 : 4;
     for (int64_t c = w->begin; c < w->end; c++) {
-        const int64_t *row = w->rows + 4 * w->chunks[3 * c];
-        const int64_t start = w->chunks[3 * c + 1], n = w->chunks[3 * c + 2];
-        char *param = (char *)(intptr_t)row[0] + start * param_size;
-        const char *grad = (const char *)(intptr_t)row[1] + start * param_size;
-        const int64_t off = (row[2] + start) * state_size;
+        const int64_t *row = w->rows + ROW_COLUMNS * (int64_t)w->block_tensor[c];
+        const int64_t start = (c - row[ROW_FIRST_BLOCK]) * w->block;
+        const int64_t left = row[ROW_NUMEL] - start, n = left < w->block ? left : w->block;
+        char *param = (char *)(intptr_t)row[ROW_PARAM_ADDR] + start * param_size;
+        const char *grad = (const char *)(intptr_t)row[ROW_GRAD_ADDR] + start * param_size;
+        const int64_t off = (row[ROW_STATE_OFFSET] + start) * state_size;
         char *m = (char *)w->m_buf + off, *v = (char *)w->v_buf + off, *s = (char *)w->s_buf + off;
-        const float step = w->steps[row[3]];
-        double *st = w->stats ? w->stats + 4 * c : 0;
+        const float step = w->steps[row[ROW_STEP_SLOT]];
+        double *st = w->stats ? w->stats + STAT_COLUMNS * c : 0;
         if (!w->param_bf16 && !w->state_bf16)
             chunk_f32_f32((float *)param, (const float *)grad, (float *)m, (float *)v, (float *)s, n,
                           w->h, step, w->gate, w->maximize, st);
@@ -141,11 +151,11 @@ static void *run_chunks(void *arg) {
 
 #define MAX_THREADS 256
 
-/* rows: [tensors][4] int64 = param address, grad address, state offset, step slot.
- * chunks: [nchunks][3] int64 = tensor, start, length (equal lengths but for each tensor's last).
- * stats: [nchunks][4] or NULL. Chunks are split evenly over `threads` threads, the caller's one. */
-int snr_adamw_step(const int64_t *rows, const int64_t *chunks, int64_t nchunks, void *m_buf,
-                   void *v_buf, void *s_buf, const float *steps, const Hyper *h, int gate,
+/* rows: [tensors][ROW_COLUMNS] int64 (snr_triton/contract.py ROW). block_tensor: [nchunks] int32,
+ * the row of each chunk of `block` elements. stats: [nchunks][STAT_COLUMNS] or NULL. Chunks are
+ * split evenly over `threads` threads, the caller's one. */
+int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nchunks, int64_t block,
+                   void *m_buf, void *v_buf, void *s_buf, const float *steps, const Hyper *h, int gate,
                    int maximize, int param_bf16, int state_bf16, double *stats, int threads) {
     Work work[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
@@ -153,8 +163,8 @@ int snr_adamw_step(const int64_t *rows, const int64_t *chunks, int64_t nchunks, 
     if (threads > nchunks) threads = (int)nchunks;
     if (threads < 1) threads = 1;
     for (int i = 0; i < threads; i++) {
-        Work w = {rows, chunks, m_buf, v_buf, s_buf, steps, h, gate, maximize, param_bf16, state_bf16,
-                  stats, nchunks * i / threads, nchunks * (i + 1) / threads};
+        Work w = {rows, block_tensor, block, m_buf, v_buf, s_buf, steps, h, gate, maximize, param_bf16,
+                  state_bf16, stats, nchunks * i / threads, nchunks * (i + 1) / threads};
         work[i] = w;
     }
     int started = 1;
@@ -164,4 +174,17 @@ int snr_adamw_step(const int64_t *rows, const int64_t *chunks, int64_t nchunks, 
     run_chunks(&work[0]);
     for (int i = 1; i < started; i++) pthread_join(ids[i], 0);
     return 0;
+}
+
+/* What this library was compiled with, in snr_triton.contract.c_defines() order of the names
+ * below: the host checks it on load, so a stale or mismatched build is never used. */
+int64_t snr_adamw_contract(int64_t *out) {
+    const int64_t values[] = {GATE_NONE, GATE_SNR, GATE_SOFT, GATE_HARD, ROW_PARAM_ADDR, ROW_GRAD_ADDR,
+                              ROW_STATE_OFFSET, ROW_NUMEL, ROW_FIRST_BLOCK, ROW_STEP_SLOT, ROW_RNG_SEED,
+                              STAT_SUM_Q, STAT_COUNT_ABOVE, STAT_SUM_SIGNAL, STAT_SUM_NOISE, ROW_COLUMNS,
+                              STAT_COLUMNS, ALIGN};
+    const int64_t n = (int64_t)(sizeof values / sizeof values[0]);
+    if (out)
+        for (int64_t i = 0; i < n; i++) out[i] = values[i];
+    return n;
 }

@@ -10,48 +10,55 @@ import sys
 import torch
 
 
-def available_backends() -> list[tuple[str, str]]:
-    """(backend, device) pairs this machine can run; Triton on a CPU runs interpreted."""
-    from .cpu_backend import cpu_unavailable_reason
+def backend_matrix() -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(backend, device, dtype) cells this machine can check, and one line per skipped backend
+    and device saying why. Triton on a CPU runs interpreted (TRITON_INTERPRET=1)."""
+    from .backend import ORDER, get
+    from .check import DTYPES
+    from .hyperparams import DEFAULT_HYPER
 
-    found = [("eager", "cpu")] + ([("cpu", "cpu")] if cpu_unavailable_reason() is None else [])
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return found
-    if torch.cuda.is_available():
-        found += [("eager", "cuda"), ("triton", "cuda")]
-    else:
+    if not torch.cuda.is_available():
         # The kernels are imported on first use, so setting this now still takes effect.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        if os.environ["TRITON_INTERPRET"] == "1":
-            found.append(("triton", "cpu"))
-    return found
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cells, skipped = [], []
+    for name in ORDER:
+        for device in devices:
+            dev = torch.device(device)
+            reasons = {dt: get(name).unavailable_reason(dev, DTYPES[dt], DEFAULT_HYPER) for dt in DTYPES}
+            runs = [dt for dt, why in reasons.items() if why is None]
+            cells += [(name, device, dt) for dt in runs]
+            if not runs:
+                skipped.append(f"{name}:{device} skipped: {next(iter(reasons.values()))}")
+            elif len(runs) < len(reasons):
+                skipped.append(f"{name}:{device} skips {', '.join(d for d in reasons if d not in runs)} "
+                               f"params (not served by this backend)")
+    if torch.cuda.is_available():  # a GPU machine checks the GPU; the CPU's eager path is the same code
+        cells = [c for c in cells if not (c[1] == "cpu" and c[0] != "cpu")]
+    return cells, skipped
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import DTYPES, Case, passes, run_case, tolerances
-    from .hyperparams import GATES
+    from .check import Case, passes, run_case, tolerances
+    from .contract import GATES
 
+    cells, skipped = backend_matrix()
     rows, failed = [], 0
-    for backend, device in available_backends():
-        for dtype in DTYPES:
-            if backend in ("triton", "cpu") and dtype not in ("fp32", "bf16", "fp16"):
-                continue  # the kernels serve training dtypes; fp64 is the eager path's
-            if backend == "cpu" and dtype == "fp16":
-                continue
-            for gate in GATES:
-                case = Case(gate=gate, dtype=dtype, steps=args.steps, seed=args.seed)
-                err = run_case(case, backend, device)
-                ok = passes(case, err)
-                failed += not ok
-                states = max(err["exp_avg"], err["exp_avg_sq"], err["exp_grad_var"])
-                rows.append((f"{backend}:{device}", gate, dtype, f"{err['param']:.2e}", f"{states:.2e}",
-                             f"{tolerances(case)[0]:.1e}", "pass" if ok else "FAIL"))
+    for backend, device, dtype in cells:
+        for gate in GATES:
+            case = Case(gate=gate, dtype=dtype, steps=args.steps, seed=args.seed)
+            err = run_case(case, backend, device)
+            ok = passes(case, err)
+            failed += not ok
+            states = max(err["exp_avg"], err["exp_avg_sq"], err["exp_grad_var"])
+            rows.append((f"{backend}:{device}", gate, dtype, f"{err['param']:.2e}", f"{states:.2e}",
+                         f"{tolerances(case)[0]:.1e}", "pass" if ok else "FAIL"))
     header = ("backend", "gate", "dtype", "param rel err", "state rel err", "param tol", "result")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    for line in skipped:
+        print(line)
     print(f"\n{len(rows) - failed} passed, {failed} failed "
           f"({args.steps} steps, params of sizes 7, 33, 0 and 3x5 in two groups, vs float64 reference)")
     return 1 if failed else 0

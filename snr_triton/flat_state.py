@@ -2,22 +2,23 @@
 
 A bucket is the params of one param group on one device with one (real) dtype.
 ``optimizer.state[p]`` holds views into the buffers, so state_dict() and
-torch-style code keep working, while the kernel reaches every state through a
-base pointer and an offset. Packing copies whatever state a param already has
-(from a checkpoint, an AdamW checkpoint, or an older bucket), so buckets can be
-rebuilt at any time without losing anything.
+torch-style code keep working, while the kernels reach every state through a
+base pointer and an offset.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Iterable
+import weakref
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .contract import ALIGN
+from .reference import exp_grad_var_from_adam
+
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_grad_var")
-_ALIGN = 16  # elements: every segment starts on a 64-byte boundary (fp32) for vector loads
 
 
 def local(t: Tensor) -> Tensor:
@@ -48,8 +49,9 @@ def as_real(t: Tensor) -> Tensor:
 
 def _like_param(view: Tensor, p: Tensor) -> Tensor:
     """A state view shaped as the user sees its param: complex again, and a DTensor again with the
-    param's mesh and placements (so distributed checkpointing shards states like params)."""
-    if p.is_complex():
+    param's mesh and placements (so distributed checkpointing shards states like params).
+    bfloat16 states of a complex param stay real views: torch has no bfloat16 complex dtype."""
+    if p.is_complex() and view.dtype != torch.bfloat16:
         view = torch.view_as_complex(view)
     if _is_dtensor(p):
         view = _dtensor_class().from_local(view, p.device_mesh, p.placements, run_check=False,
@@ -67,62 +69,53 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
-def exp_grad_var_from_adam(exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
-                           betas: tuple[float, float], rho: float) -> Tensor:
-    """ALGORITHM.md: an AdamW checkpoint has no s; start from s-hat = max(v-hat - m-hat^2, 0)."""
-    if step == 0:
-        return torch.zeros_like(as_real(exp_avg_sq))
-    beta1, beta2 = betas
-    m, v = as_real(exp_avg).double(), as_real(exp_avg_sq).double()
-    shat = torch.clamp(v / (1 - beta2**step) - (m / (1 - beta1**step)) ** 2, min=0.0)
-    return shat * (1 - rho**step)  # local and real, as the flat buffers
+SEED = 0x5EED
 
 
-def kernel_operands(params: list[Tensor], grads: list[Tensor], slots: list[int]):
-    """What a fused kernel walks: local real views of params and grads, one linear index each.
+def rng_seed(param_id: int) -> int:
+    """Stochastic rounding's random stream of one param: fixed per param (its index in the
+    optimizer, as in state_dict), so runs and resumed runs round alike while no two params share
+    bits. The step count varies them from step to step."""
+    return (SEED ^ (param_id * 0x9E3779B97F4A7C15)) & 0x7FFFFFFFFFFFFFFF
 
-    A param that is not dense gets a contiguous stand-in (copied back by the caller through
-    `write_back` after the step); a grad with other strides than its param gets a copy in the
-    param's layout. `key` identifies the storages, so address tables are rebuilt only when one
-    moves (a new grad after zero_grad(set_to_none=True), `p.data = ...`, another active set).
-    """
-    real_p = [as_real(p) for p in params]
-    real_g = [as_real(g) for g in grads]
-    write_back = []
-    for k, (p, g) in enumerate(zip(real_p, real_g)):
-        if not is_dense(p):
-            real_p[k], real_g[k] = p.contiguous(), g.contiguous()
-            write_back.append((p, real_p[k]))
-        elif g.stride() != p.stride():
-            real_g[k] = torch.empty_like(p).copy_(g)
-    key = (tuple(slots), tuple(p.data_ptr() for p in real_p), tuple(g.data_ptr() for g in real_g))
-    return real_p, real_g, write_back, key
+
+_by_handle: "weakref.WeakValueDictionary[int, FlatState]" = weakref.WeakValueDictionary()
 
 
 class FlatState:
-    """The states of one bucket; `params` fixes the order of segments."""
+    """The states of one bucket; `params` fixes the order of segments.
 
-    def __init__(self, params: list[Tensor], state: dict, group: dict, state_dtype: torch.dtype):
+    Packing copies whatever state a param already has into the new buffers (cast to
+    `state_dtype`), so a bucket can be rebuilt at any time: a checkpoint, an AdamW checkpoint,
+    a changed state_dtype, a param moved to another device or dtype. Nothing in `state` changes
+    until every view is built. `tables` caches what a backend derives from the bucket (address
+    tables), keyed by the backend's name.
+    """
+
+    def __init__(self, params: list[Tensor], ids: list[int], state: dict, hyper, device: torch.device,
+                 dtype: torch.dtype):
         self.params = list(params)
         self.index = {p: i for i, p in enumerate(self.params)}
+        self.seeds = [rng_seed(i) for i in ids]
+        self.device, self.dtype = device, dtype
+        self.state_dtype = hyper.state_dtype if dtype != torch.float64 else torch.float64
+        self.tables: dict[str, Any] = {}
         real = [as_real(p) for p in self.params]
-        self.device = real[0].device
-        self.dtype = real[0].dtype
-        store_dtype = state_dtype if self.dtype != torch.float64 else torch.float64
         self.offsets: list[int] = []
         self.numels: list[int] = []
         total = 0
         for r in real:
             self.offsets.append(total)
             self.numels.append(r.numel())
-            total += -(-r.numel() // _ALIGN) * _ALIGN
-        self.buffers = {k: torch.zeros(total, dtype=store_dtype, device=self.device) for k in STATE_KEYS}
-        self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
+            total += -(-r.numel() // ALIGN) * ALIGN
+        self.buffers = {k: torch.zeros(total, dtype=self.state_dtype, device=device) for k in STATE_KEYS}
+        self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=device)
+        self.views: list[dict[str, Tensor]] = []
+        entries = {}
         for i, (p, r) in enumerate(zip(self.params, real)):
             # A dense param's states share its memory order, so the kernel walks param, grad and
             # states with one linear index; others get contiguous states (and stand-ins there).
             dense = is_dense(r)
-            old = state.get(p, {})
             views = {}
             for key in STATE_KEYS:
                 buf = self.buffers[key]
@@ -130,11 +123,21 @@ class FlatState:
                     views[key] = buf.as_strided(r.shape, r.stride(), self.offsets[i])
                 else:
                     views[key] = buf[self.offsets[i]:self.offsets[i] + r.numel()].view(r.shape)
-            self._adopt(old, views, self.steps[i], group)
-            state[p] = {"step": self.steps[i], **{k: _like_param(v, p) for k, v in views.items()}}
+            self._adopt(state.get(p, {}), views, self.steps[i], hyper)
+            self.views.append(views)
+            entries[p] = {"step": self.steps[i], **{k: _like_param(v, p) for k, v in views.items()}}
+        state.update(entries)
+        self.entries = [entries[p] for p in self.params]
+        self.handle = id(self)
+        _by_handle[self.handle] = self
 
     @staticmethod
-    def _adopt(old: dict, views: dict, step: Tensor, group: dict) -> None:
+    def find(handle: int) -> "FlatState":
+        """The bucket with this handle: how a custom op, which takes only tensors and scalars, finds it."""
+        return _by_handle[handle]
+
+    @staticmethod
+    def _adopt(old: dict, views: dict, step: Tensor, hyper) -> None:
         """Copy existing state into the flat (local, real) views; fill a missing exp_grad_var
         (an AdamW checkpoint)."""
         if not old:
@@ -147,12 +150,22 @@ class FlatState:
                 views[key].copy_(as_real(old[key]))
         if "exp_grad_var" not in old and "exp_avg" in old and "exp_avg_sq" in old:
             views["exp_grad_var"].copy_(exp_grad_var_from_adam(
-                old["exp_avg"], old["exp_avg_sq"], float(step.item()), group["betas"], group["rho"]))
+                as_real(old["exp_avg"]), as_real(old["exp_avg_sq"]), float(step.item()),
+                (hyper.beta1, hyper.beta2), hyper.rho))
 
-    def covers(self, params: Iterable[Tensor]) -> bool:
-        return all(p in self.index for p in params)
+    def serves(self, params: list[Tensor], state: dict, state_dtype: torch.dtype) -> bool:
+        """True when every param in `params` has its states here (not replaced since, e.g. by a
+        rebuilt bucket elsewhere) and the group still asks for this state dtype."""
+        if state_dtype != self.state_dtype and self.dtype != torch.float64:
+            return False
+        index, entries = self.index, self.entries
+        for p in params:
+            i = index.get(p)
+            if i is None or state.get(p) is not entries[i]:
+                return False
+        return True
 
-    def views(self, params: list[Tensor], state: dict) -> tuple[list[Tensor], ...]:
-        """Real views of the states of `params`, in order, for the eager path."""
-        sts = [state[p] for p in params]
-        return tuple([as_real(st[k]) for st in sts] for k in STATE_KEYS) + ([st["step"] for st in sts],)
+    def real_views(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
+        """(exp_avg, exp_avg_sq, exp_grad_var, step) views of `params`, in order, for the eager path."""
+        slots = [self.index[p] for p in params]
+        return tuple([self.views[i][k] for i in slots] for k in STATE_KEYS) + ([self.steps[i] for i in slots],)

@@ -1,4 +1,4 @@
-"""Hyperparameter defaults and validation, shared by every backend.
+"""Hyperparameter defaults, validation, and the frozen per-group scalars every backend reads.
 
 Validation lives here, apart from the optimizer, so that a group can be checked
 *before* anything is mutated: a rejected call must leave the optimizer as it was.
@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-GATES = ("snr", "soft", "hard", "none")
-BACKENDS = ("auto", "triton", "cpu", "eager")
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+from .backend import ORDER
+from .contract import GATE_IDS, GATES, STATE_DTYPES
+
+BACKENDS = ("auto", *ORDER)
 
 DEFAULTS: dict[str, Any] = dict(
     lr=1e-3,
@@ -28,6 +30,13 @@ DEFAULTS: dict[str, Any] = dict(
     gate_eps=1e-16,
     warmup_steps=0,
     maximize=False,
+)
+# How to run, not what to compute: keyword-only arguments, never overridden by a checkpoint.
+RUNTIME_DEFAULTS: dict[str, Any] = dict(
+    backend="auto",
+    state_dtype=torch.float32,
+    stochastic_rounding=False,
+    track_stats=False,
 )
 
 
@@ -62,12 +71,17 @@ def _check_range(name: str, value: Any, lo: float, hi: float | None, *, lo_open:
         raise ValueError(f"{name} must be {where}, got {value!r}")
 
 
+def _check_scalar_tensor(name: str, t: torch.Tensor) -> None:
+    if t.numel() != 1:
+        raise ValueError(f"{name} as a tensor must hold one element (0-dim or shape [1]), "
+                         f"got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} as a tensor must be floating point, got {t.dtype}")
+
+
 def _check_lr(lr: Any) -> None:
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or lr.dim() != 0:
-            raise ValueError(f"lr as a tensor must be 0-dim, got shape {tuple(lr.shape)}")
-        if not lr.is_floating_point():
-            raise ValueError(f"lr as a tensor must be floating point, got {lr.dtype}")
+        _check_scalar_tensor("lr", lr)
         return  # a device tensor is not read here: reading it would synchronize
     _check_range("lr", lr, 0.0, None, lo_open=False)
 
@@ -80,7 +94,8 @@ def validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
     for i, b in enumerate(betas):
         if isinstance(b, torch.Tensor):
-            raise ValueError(f"betas[{i}] must be a float in [0, 1), got a tensor")
+            _check_scalar_tensor(f"betas[{i}]", b)
+            b = b.item()  # as torch.optim.AdamW: tensor betas are read on the host
         _check_range(f"betas[{i}]", b, 0.0, 1.0, lo_open=False)
     _check_range("rho", group["rho"], 0.0, 1.0, lo_open=False)
     _check_range("eps", group["eps"], 0.0, None, lo_open=True)
@@ -98,12 +113,63 @@ def validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"maximize must be a bool (True or False), got {group['maximize']!r}")
 
 
-def validate_backend(backend: Any) -> None:
-    if backend not in BACKENDS:
+def validate_runtime(group: dict[str, Any]) -> None:
+    backend = group["backend"]
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-
-
-def validate_state_dtype(state_dtype: Any) -> None:
-    if state_dtype not in STATE_DTYPES:
+    if group["state_dtype"] not in STATE_DTYPES:
         names = ", ".join(str(d) for d in STATE_DTYPES)
-        raise ValueError(f"state_dtype must be one of {names}; got {state_dtype!r}")
+        raise ValueError(f"state_dtype must be one of {names}; got {group['state_dtype']!r}")
+    for key in ("stochastic_rounding", "track_stats"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{key} must be a bool (True or False), got {group[key]!r}")
+
+
+def _host_float(x: Any) -> float:
+    return float(x.item() if isinstance(x, torch.Tensor) else x)
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One param group's settings as plain scalars: what every backend's step() receives.
+
+    Built from a validated group at every step (a scheduler may have changed the group).
+    `lr` stays a tensor when the group holds one, so a device lr is never read on the host.
+    """
+
+    lr: float | torch.Tensor
+    beta1: float
+    beta2: float
+    rho: float
+    eps: float
+    weight_decay: float
+    gate: str
+    alpha: float
+    softness: float
+    gate_eps: float
+    warmup_steps: int
+    maximize: bool
+    state_dtype: torch.dtype
+    stochastic_rounding: bool
+    track_stats: bool
+
+    @classmethod
+    def of(cls, group: dict[str, Any]) -> "Hyper":
+        lr = group["lr"]
+        lr = lr.reshape(()) if isinstance(lr, torch.Tensor) else float(lr)
+        beta1, beta2 = (_host_float(b) for b in group["betas"])
+        return cls(lr, beta1, beta2, *(float(group[k]) for k in ("rho", "eps", "weight_decay")),
+                   group["gate"], float(group["alpha"]), float(group["softness"]), float(group["gate_eps"]),
+                   int(group["warmup_steps"]), bool(group["maximize"]), group["state_dtype"],
+                   group["stochastic_rounding"], group["track_stats"])
+
+    @property
+    def gate_id(self) -> int:
+        return GATE_IDS[self.gate]
+
+    def host_lr(self) -> float:
+        """lr as a float (reads a tensor lr: a host synchronization for a device tensor)."""
+        return _host_float(self.lr)
+
+
+DEFAULT_HYPER = Hyper.of({**DEFAULTS, **RUNTIME_DEFAULTS})

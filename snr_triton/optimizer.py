@@ -1,27 +1,28 @@
 """SNRAdamW: AdamW whose every coordinate is gated by its signal-to-noise ratio.
 
-A drop-in `torch.optim.Optimizer`. The math is ALGORITHM.md; this module only
-decides which backend steps which tensors, owns the flat state buffers, and
-keeps torch.optim's contracts (state_dict, hooks, GradScaler, AdamW checkpoints).
+A drop-in `torch.optim.Optimizer`. The math is ALGORITHM.md; this module keeps torch.optim's
+contracts (param groups, state_dict, hooks, GradScaler, AdamW checkpoints), owns the flat
+state buffers, and runs a step in two parts: plan (validate every group, bucket the params,
+choose a backend for each bucket, all before anything changes) and run (one call of the
+backend interface per bucket, snr_triton/backend/__init__.py).
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import hyperparams
-from . import cpu_backend
-from .eager import eager_step
-from .flat_state import FlatState, as_real
-from .triton_backend import SEED, SUPPORTED_DTYPES, triton_step, triton_unavailable_reason
+from . import backend
+from .contract import STATS
+from .flat_state import STATE_KEYS, FlatState, as_real
+from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, validate_group, validate_runtime
 
-# Options that say how to run, not what to compute: a checkpoint never overrides them.
-RUNTIME_KEYS = ("backend", "state_dtype", "stochastic_rounding", "track_stats")
 # Keys of torch.optim.AdamW groups that have no meaning here.
 ADAMW_ONLY_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 STAT_KEYS = ("mean_gate", "frac_above", "signal", "noise")
@@ -31,11 +32,33 @@ def _real_dtype(t: Tensor) -> torch.dtype:
     return t.real.dtype if t.is_complex() else t.dtype
 
 
-class SNRAdamW(Optimizer):
-    """AdamW with the SNR gate of Litman & Guo (2026); see README for the hyperparameters.
+@dataclass
+class Bucket:
+    """The params of one group on one device with one real dtype that have a grad this step."""
 
-    backend: "auto" (Triton for CUDA tensors, the fused C kernel for CPU tensors, eager for what
-        neither serves), "triton", "cpu", "eager".
+    group_index: int
+    hyper: Hyper
+    device: torch.device
+    dtype: torch.dtype
+    params: list[Tensor]
+    backend: ModuleType | None = None  # None when only packing states (load_state_dict)
+
+
+class _Exact:
+    """Carries a state tensor through Optimizer.load_state_dict, which would otherwise cast every
+    floating state to its param's dtype (rounding fp32 moments of a bf16 model to bf16)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+class SNRAdamW(Optimizer):
+    """AdamW with the SNR gate of Litman & Guo (2026); see ALGORITHM.md and README for the hyperparameters.
+
+    backend: "auto" (the first available of snr_triton.backend.ORDER: Triton for CUDA tensors,
+        the fused C kernel for CPU tensors, eager for what neither serves), "triton", "cpu", "eager".
     state_dtype: torch.float32 (default) or torch.bfloat16 to cut state bytes (every backend).
     stochastic_rounding: round bf16 params stochastically when storing them.
     track_stats: keep the gate statistics of the last step for `stats()`.
@@ -54,123 +77,148 @@ class SNRAdamW(Optimizer):
                         alpha=alpha, softness=softness, gate_eps=gate_eps, warmup_steps=warmup_steps,
                         maximize=maximize, backend=backend, state_dtype=state_dtype,
                         stochastic_rounding=stochastic_rounding, track_stats=track_stats)
-        self._validate(defaults)
+        self._hyper(defaults)
         self._reset_caches()
         super().__init__(params, defaults)
 
-    # ----------------------------------------------------------------- validation
+    # ----------------------------------------------------------------- groups
     @staticmethod
-    def _validate(group: dict[str, Any], where: str = "") -> None:
+    def _hyper(group: dict[str, Any], where: str = "") -> Hyper:
+        """Validate a group (ValueError naming the argument and the valid choices) and freeze it."""
         try:
-            hyperparams.validate_group(group)
-            hyperparams.validate_backend(group["backend"])
-            hyperparams.validate_state_dtype(group["state_dtype"])
-            for key in ("stochastic_rounding", "track_stats"):
-                if not isinstance(group[key], bool):
-                    raise ValueError(f"{key} must be a bool (True or False), got {group[key]!r}")
+            validate_group(group)
+            validate_runtime(group)
         except ValueError as e:
             raise ValueError(f"{e}{where}") from None
-
-    def _check_backend(self, group: dict[str, Any], params: Iterable[Tensor], where: str = "") -> None:
-        if group["backend"] == "cpu":
-            for p in params:
-                reason = self._cpu_unavailable(group, p.device, _real_dtype(p))
-                if reason:
-                    raise RuntimeError(f"backend='cpu' cannot step a {p.dtype} param on {p.device}{where}: "
-                                       f"{reason}")
-        if group["backend"] != "triton":
-            return
-        for p in params:
-            reason = triton_unavailable_reason(p.device)
-            if reason is None and _real_dtype(p) not in SUPPORTED_DTYPES:
-                reason = (f"the kernel supports {', '.join(map(str, SUPPORTED_DTYPES))} params; "
-                          f"use backend='eager' or 'auto' for {p.dtype}")
-            if reason:
-                raise RuntimeError(f"backend='triton' cannot step a {p.dtype} param on {p.device}{where}: {reason}")
+        return Hyper.of(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check a merged copy first: a rejected group must not be half-added.
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         where = f" (param group {len(self.param_groups)})"
-        self._validate(merged, where)
+        hyper = self._hyper(merged, where)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        self._check_backend(merged, params, where)
+        for p in params:
+            p = p[1] if isinstance(p, tuple) else p  # named parameters: (name, tensor)
+            if isinstance(p, Tensor):
+                self._choose(merged["backend"], p.device, _real_dtype(p), hyper, where)
         super().add_param_group({**param_group, "params": params})
+
+    @staticmethod
+    def _choose(name: str, device: torch.device, dtype: torch.dtype, hyper: Hyper, where: str):
+        try:
+            return backend.choose(name, device, dtype, hyper)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}{where}") from None
+
+    def backend_of(self, param: Tensor) -> str:
+        """Which backend steps `param`: "triton", "cpu" or "eager"."""
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return backend.choose(group["backend"], param.device, _real_dtype(param), Hyper.of(group))[0]
+        raise KeyError("param is not in this optimizer")
 
     # ----------------------------------------------------------------- state
     def _reset_caches(self) -> None:
         self._flat: dict[tuple, FlatState] = {}
         self._stats: list[tuple | None] = []  # per group: (elements, device sums, found_inf)
-        self._generators: dict[torch.device, torch.Generator] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
+        for group in self.param_groups:  # groups saved by an older version: our keys only
+            for key, value in self._own_defaults().items():
                 group.setdefault(key, value)
         self._reset_caches()
 
+    def _own_defaults(self) -> dict[str, Any]:
+        """This optimizer's defaults for its own keys (torch adds others, e.g. `differentiable`)."""
+        return {k: self.defaults.get(k, v) for k, v in {**DEFAULTS, **RUNTIME_DEFAULTS}.items()}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load ours or a torch.optim.AdamW state dict (its exp_grad_var is derived, ALGORITHM.md)."""
+        """Load ours or a torch.optim.AdamW state dict (its exp_grad_var is derived, ALGORITHM.md).
+
+        States keep their values exactly: they are stored in this optimizer's `state_dtype`
+        (a bf16 checkpoint into fp32 states is exact; fp32 into bf16 rounds to nearest), never
+        cast to the param's dtype. Everything is checked before anything changes.
+        """
         groups = []
         for i, saved in enumerate(state_dict["param_groups"]):
             group = {k: v for k, v in saved.items() if k not in ADAMW_ONLY_KEYS}
             if saved.get("amsgrad"):
                 warnings.warn("loading an AdamW state dict with amsgrad=True: SNRAdamW has no amsgrad; "
                               "max_exp_avg_sq is ignored", stacklevel=2)
-            for key, value in self.defaults.items():
+            for key, value in self._own_defaults().items():
                 group.setdefault(key, value)
-            if i < len(self.param_groups):
-                group.update({k: self.param_groups[i][k] for k in RUNTIME_KEYS})
-            self._validate(group, f" (param group {i} of the state dict)")
+            if i < len(self.param_groups):  # how to run stays this optimizer's choice
+                group.update({k: self.param_groups[i][k] for k in RUNTIME_DEFAULTS})
+            self._hyper(group, f" (param group {i} of the state dict)")
             groups.append(group)
-        super().load_state_dict({**state_dict, "param_groups": groups})
+        self._check_saved_states(state_dict)
+        wrapped = {k: {key: _Exact(v) for key, v in st.items()} for k, st in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "param_groups": groups, "state": wrapped})
+        for p, st in self.state.items():
+            device = p.device if isinstance(p, Tensor) else None
+            self.state[p] = {k: _unwrap(v, device) for k, v in st.items()}
         self._reset_caches()
         # Pack now, so state (exp_grad_var of an AdamW checkpoint included) is complete at once.
         for gi, group in enumerate(self.param_groups):
+            hyper = Hyper.of(group)
             keys = {(p.device, _real_dtype(p)) for p in group["params"] if p in self.state}
-            for key in keys:
-                self._flat_state(gi, key, [], group)
+            for device, dtype in keys:
+                self._flat_state(Bucket(gi, hyper, device, dtype, []))
 
-    def _flat_state(self, gi: int, key: tuple, active: list[Tensor], group: dict) -> FlatState:
-        flat = self._flat.get((gi, key))
-        if flat is None or not flat.covers(active):
-            chosen = set(active)
-            members = [p for p in group["params"]
-                       if (p in chosen or p in self.state) and (p.device, _real_dtype(p)) == key]
-            flat = FlatState(members, self.state, group, group["state_dtype"])
-            self._flat[(gi, key)] = flat
+    def _check_saved_states(self, state_dict: dict[str, Any]) -> None:
+        """Shapes and keys of a checkpoint's states against this optimizer's params."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        params = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {gi} of the state dict has {len(saved['params'])} params, "
+                                 f"this optimizer's {len(group['params'])}")
+            params.update(zip(saved["params"], group["params"]))
+        for pid, st in state_dict["state"].items():
+            p = params.get(pid)
+            if p is None or not st:
+                continue
+            missing = {"step", "exp_avg", "exp_avg_sq"} - set(st)
+            if missing:
+                raise ValueError(f"the state of param {pid} lacks {', '.join(sorted(missing))} "
+                                 f"(needs step, exp_avg, exp_avg_sq; exp_grad_var optional)")
+            for key in STATE_KEYS:
+                if key in st and as_real(st[key]).shape != as_real(p).shape and st[key].shape != p.shape:
+                    raise ValueError(f"state {key!r} of param {pid} has shape {tuple(st[key].shape)}, "
+                                     f"its param {tuple(p.shape)}")
+
+    def _param_ids(self) -> dict[Tensor, int]:
+        """Each param's index across groups, as in state_dict()."""
+        params = (p for group in self.param_groups for p in group["params"])
+        return {p: i for i, p in enumerate(params)}
+
+    def _flat_state(self, bucket: Bucket) -> FlatState:
+        """The flat states of a bucket; (re)built, adopting every existing state, when the bucket
+        gained a param, a param's states were re-packed elsewhere, or state_dtype changed."""
+        key = (bucket.group_index, bucket.device, bucket.dtype)
+        flat = self._flat.get(key)
+        if flat is not None and flat.serves(bucket.params, self.state, bucket.hyper.state_dtype):
+            return flat
+        group = self.param_groups[bucket.group_index]
+        chosen = set(bucket.params)
+        members = [p for p in group["params"] if (p in chosen or p in self.state)
+                   and (p.device, _real_dtype(p)) == (bucket.device, bucket.dtype)]
+        ids = self._param_ids()
+        flat = FlatState(members, [ids[p] for p in members], self.state, bucket.hyper, bucket.device,
+                         bucket.dtype)
+        self._flat[key] = flat
+        for other_key, other in list(self._flat.items()):  # drop buckets that own no state any more
+            if not any(self.state.get(p) is e for p, e in zip(other.params, other.entries)):
+                del self._flat[other_key]
         return flat
 
     # ----------------------------------------------------------------- the step
-    def backend_of(self, param: Tensor) -> str:
-        """Which backend steps `param`: "triton", "cpu" or "eager"."""
-        for group in self.param_groups:
-            if any(p is param for p in group["params"]):
-                return self._backend(group, param.device, _real_dtype(param))
-        raise KeyError("param is not in this optimizer")
-
-    @staticmethod
-    def _cpu_unavailable(group: dict, device: torch.device, dtype: torch.dtype) -> str | None:
-        if device.type != "cpu":
-            return "it steps CPU tensors only; use backend='triton' or 'auto' on GPUs"
-        if dtype not in cpu_backend.SUPPORTED_DTYPES:
-            return f"it supports float32 and bfloat16 params; use backend='eager' or 'auto' for {dtype}"
-        if group["stochastic_rounding"]:
-            return "it has no stochastic rounding; use backend='eager' or 'auto'"
-        return cpu_backend.cpu_unavailable_reason()
-
-    def _backend(self, group: dict, device: torch.device, dtype: torch.dtype) -> str:
-        choice = group["backend"]
-        if choice != "auto":
-            return choice  # availability was checked before anything changed
-        if device.type == "cuda" and dtype in SUPPORTED_DTYPES and triton_unavailable_reason(device) is None:
-            return "triton"
-        if self._cpu_unavailable(group, device, dtype) is None:
-            return "cpu"
-        return "eager"
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, grad_scale: Tensor | None = None,
              found_inf: Tensor | None = None):
@@ -184,55 +232,39 @@ class SNRAdamW(Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        self._run(self._plan(), grad_scale, found_inf)
+        return loss
 
-        # Check everything before changing anything.
+    def _plan(self) -> list[Bucket]:
+        """Validate every group and choose every bucket's backend; raises before anything changes."""
         plan = []
         for gi, group in enumerate(self.param_groups):
             where = f" (param group {gi})"
-            self._validate(group, where)
+            hyper = self._hyper(group, where)
             buckets: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
-                g = p.grad
-                if g is None:
+                if p.grad is None:
                     continue
-                if g.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError(f"SNRAdamW does not support sparse gradients{where}; "
                                        "use dense gradients (e.g. nn.Embedding(sparse=False))")
                 buckets.setdefault((p.device, _real_dtype(p)), []).append(p)
             for (device, dtype), params in buckets.items():
-                self._check_backend(group, params, where)
-                plan.append((gi, group, device, dtype, params))
+                _, backend = self._choose(group["backend"], device, dtype, hyper, where)
+                plan.append(Bucket(gi, hyper, device, dtype, params, backend))
+        return plan
 
+    def _run(self, plan: list[Bucket], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         self._stats = [None] * len(self.param_groups)
-        for gi, group, device, dtype, params in plan:
-            flat = self._flat_state(gi, (device, dtype), params, group)
-            grads = [p.grad for p in params]
-            backend = self._backend(group, device, dtype)
-            if backend == "triton":
-                sums = triton_step(flat, params, grads, group, grad_scale=grad_scale, found_inf=found_inf,
-                                   stochastic_rounding=group["stochastic_rounding"],
-                                   track_stats=group["track_stats"])
-            elif backend == "cpu":
-                sums = cpu_backend.cpu_step(flat, params, grads, group, grad_scale=grad_scale,
-                                            found_inf=found_inf, track_stats=group["track_stats"])
-            else:
-                m, v, s, steps = flat.views(params, self.state)
-                sums = eager_step([as_real(p) for p in params], [as_real(g) for g in grads], m, v, s,
-                                  steps, group, grad_scale=grad_scale, found_inf=found_inf,
-                                  stochastic_rounding=group["stochastic_rounding"],
-                                  track_stats=group["track_stats"], generator=self._generator(device))
+        for bucket in plan:
+            flat = self._flat_state(bucket)
+            sums = bucket.backend.step(flat, bucket.params, [p.grad for p in bucket.params], bucket.hyper,
+                                       grad_scale=grad_scale, found_inf=found_inf)
             if sums is not None:
-                count = sum(flat.numels[flat.index[p]] for p in params)
-                prev = self._stats[gi]
-                self._stats[gi] = (count, sums, found_inf) if prev is None else (
+                count = sum(flat.numels[flat.index[p]] for p in bucket.params)
+                prev = self._stats[bucket.group_index]
+                self._stats[bucket.group_index] = (count, sums, found_inf) if prev is None else (
                     prev[0] + count, prev[1] + sums.to(prev[1].device), found_inf)
-        return loss
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device).manual_seed(SEED)
-        return gen
 
     # ----------------------------------------------------------------- monitor
     def stats(self) -> dict[str, Any]:
@@ -259,9 +291,19 @@ class SNRAdamW(Optimizer):
         return {**_stats_dict(total), "groups": [_stats_dict(v) for v in per_group]}
 
 
+def _unwrap(value: Any, device: torch.device | None) -> Any:
+    if isinstance(value, _Exact):
+        value = value.value
+        if isinstance(value, Tensor) and device is not None:
+            value = value.to(device=device)
+    return value
+
+
 def _stats_dict(sums: Tensor | None) -> dict[str, float]:
-    """sums = (count, sum q, count above, sum signal, sum noise)."""
+    """sums = (count, *contract.STATS)."""
     if sums is None or sums[0] == 0:
         return {k: float("nan") if k in ("mean_gate", "frac_above") else 0.0 for k in STAT_KEYS}
-    count, q, above, signal, noise = (float(x) for x in sums)
-    return {"mean_gate": q / count, "frac_above": above / count, "signal": signal, "noise": noise}
+    count, *rest = (float(x) for x in sums)
+    col = dict(zip(STATS, rest))
+    return {"mean_gate": col["sum_q"] / count, "frac_above": col["count_above"] / count,
+            "signal": col["sum_signal"], "noise": col["sum_noise"]}

@@ -60,6 +60,8 @@ def reference_step(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: 
     mhat = m / (1 - beta1**t)
     vhat = v / (1 - beta2**t)
     shat = s / (1 - rho**t)
+    if t == 1:  # ALGORITHM.md: the first step is a tie by construction; the gate uses s-hat := m-hat^2
+        shat = mhat * mhat
     if t <= warmup_steps:
         q = torch.ones_like(mhat)
     else:

@@ -15,24 +15,15 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _triton_runs() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+from snr_triton import backend  # noqa: E402  (after TRITON_INTERPRET is set)
+from snr_triton.hyperparams import DEFAULT_HYPER  # noqa: E402
 
-
-def _cpu_kernel_runs() -> bool:
-    from snr_triton.cpu_backend import cpu_unavailable_reason
-
-    return DEVICE == "cpu" and cpu_unavailable_reason() is None
-
-
-TRITON = _triton_runs()
-CPU_KERNEL = _cpu_kernel_runs()
-# Every backend that can run here; in CI a missing one fails loudly instead of skipping quietly.
-BACKENDS = ["eager"] + (["cpu"] if CPU_KERNEL else []) + (["triton"] if TRITON else [])
+# Every backend of the registry that can run fp32 params here: the shared matrix of tests runs
+# over this list, so a new backend is tested by adding it to snr_triton.backend.ORDER.
+BACKENDS = backend.available(torch.device(DEVICE), torch.float32, DEFAULT_HYPER)
+TRITON = "triton" in BACKENDS
+CPU_KERNEL = "cpu" in BACKENDS
+# In CI a missing backend fails loudly instead of skipping quietly.
 if os.environ.get("CI") and not (TRITON and (CPU_KERNEL or DEVICE == "cuda")):
     raise RuntimeError("CI must exercise the Triton and CPU kernels: install the test extra, and a C compiler")
 

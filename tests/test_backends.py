@@ -56,7 +56,7 @@ def test_bf16_states_track_the_reference(backend):
 
 def test_eager_steps_large_tensors_in_bounded_pieces(monkeypatch):
     """Eager splits big tensors into pieces and batches (bounded temporaries): same results."""
-    from snr_triton import eager
+    from snr_triton.backend import eager
 
     monkeypatch.setattr(eager, "PIECE", 64)
     monkeypatch.setattr(eager, "BATCH", 256)

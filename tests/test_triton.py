@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not TRITON, reason="Triton is not installed")
 @pytest.fixture
 def launches(monkeypatch):
     """Counts real kernel launches by wrapping the kernel object itself."""
-    from snr_triton.triton_backend import kernel_module
+    from snr_triton.backend.triton import kernel_module
 
     km = kernel_module()
     real, grids = km.snr_adamw_kernel, []

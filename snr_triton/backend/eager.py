@@ -1,19 +1,27 @@
-"""Eager fallback: the update as multi-tensor (foreach) torch ops.
+"""The eager backend: the update as multi-tensor (foreach) torch ops.
 
-The portable, checked path for any device and layout Triton cannot serve.
-It writes temporaries and reads host scalars (lr tensors, step counts,
-found_inf), so it is neither the fastest path nor capturable in a CUDA graph.
+The portable, checked path for any device and floating dtype the fused kernels do not serve.
+It writes temporaries and reads host scalars (lr tensors, step counts, found_inf), so it is
+neither the fastest path nor capturable in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
+from ..contract import STATS
+from ..flat_state import FlatState, as_real
+from ..hyperparams import Hyper
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -> str | None:
+    if not dtype.is_floating_point:
+        return f"it steps floating-point params only, not {dtype}"
+    return None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,20 +43,24 @@ def _upcast(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
-def _store(dst: Sequence[Tensor], src: Sequence[Tensor], stochastic_rounding: bool = False,
-           generator: torch.Generator | None = None) -> None:
-    for d, s in zip(dst, src):
+def _store(dst: Sequence[Tensor], src: Sequence[Tensor], streams: Sequence[int] | None = None) -> None:
+    """Copy back into storage; with `streams` (one seed per tensor), bf16 rounds stochastically."""
+    generator = None
+    for k, (d, s) in enumerate(zip(dst, src)):
         if d is s:
             continue
-        if stochastic_rounding and d.dtype == torch.bfloat16:
+        if streams is not None and d.dtype == torch.bfloat16:
+            if generator is None:
+                generator = torch.Generator(d.device)
+            generator.manual_seed(streams[k])
             d.copy_(stochastic_round_to_bf16(s, generator))
         else:
             d.copy_(s)
 
 
-def _gate(mhat2: list[Tensor], shat: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
+def _gate(mhat2: list[Tensor], shat: list[Tensor], h: Hyper) -> list[Tensor]:
     """q per element, from m-hat^2 and s-hat (both consumed)."""
-    gate, alpha, lam, delta = group["gate"], group["alpha"], group["softness"], group["gate_eps"]
+    gate, alpha, lam, delta = h.gate, h.alpha, h.softness, h.gate_eps
     if gate == "snr":
         den = torch._foreach_mul(shat, lam * alpha)
         torch._foreach_add_(den, mhat2)
@@ -73,55 +85,53 @@ PIECE = 1 << 20  # elements: large tensors are stepped in pieces ...
 BATCH = 1 << 22  # ... and pieces in batches, so temporaries stay bounded whatever the model size
 
 
-def _pieces(tensors: list[list[Tensor]], ts: list[float]):
-    """Split (param, grad, m, v, s) quintuples into flat pieces of at most PIECE elements."""
-    for quint, t in zip(zip(*tensors), ts):
+def _pieces(tensors: list[list[Tensor]], ts: list[float], seeds: list[int]):
+    """Split (param, grad, m, v, s) quintuples into flat pieces of at most PIECE elements; each
+    piece carries its step and its own random stream (param seed, piece, step)."""
+    for quint, t, seed in zip(zip(*tensors), ts, seeds):
+        stream = (seed + int(t) * 0x2545F4914F6CDD1D) & 0x7FFFFFFFFFFFFFFF
         if quint[0].numel() > PIECE and all(x.is_contiguous() for x in quint):
-            for parts in zip(*(x.view(-1).split(PIECE) for x in quint)):
-                yield parts, t
+            for k, parts in enumerate(zip(*(x.view(-1).split(PIECE) for x in quint))):
+                yield parts, t, stream + k
         else:
-            yield quint, t
+            yield quint, t, stream
 
 
-def eager_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-               exp_avg_sqs: list[Tensor], exp_grad_vars: list[Tensor], steps: list[Tensor],
-               group: dict[str, Any], *, grad_scale: Tensor | None = None,
-               found_inf: Tensor | None = None, stochastic_rounding: bool = False,
-               track_stats: bool = False, generator: torch.Generator | None = None) -> Tensor | None:
-    """One step for tensors of one device and dtype; all math in `compute_dtype`.
-
-    Returns, with track_stats, the sums (q, [m-hat^2 > alpha*s-hat], m-hat^2, alpha*s-hat).
-    """
+def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
+         grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
+    """One step for the active params of a bucket; all math in `compute_dtype`."""
     if not params:
         return None
-    cdt = compute_dtype(params[0].dtype)
-    sums = torch.zeros(4, dtype=cdt, device=params[0].device) if track_stats else None
+    cdt = compute_dtype(flat.dtype)
+    sums = torch.zeros(len(STATS), dtype=cdt, device=flat.device) if hyper.track_stats else None
     if found_inf is not None and found_inf.item() != 0:
         return sums
+    exp_avgs, exp_avg_sqs, exp_grad_vars, steps = flat.real_views(params)
+    seeds = [flat.seeds[flat.index[p]] for p in params]
     torch._foreach_add_(steps, 1)
     ts = [float(t) for t in torch.stack(steps).tolist()]
     inv_scale = 1.0 / grad_scale.item() if grad_scale is not None else None
+    quints = [[as_real(p) for p in params], [as_real(g) for g in grads], exp_avgs, exp_avg_sqs, exp_grad_vars]
     batch, size = [], 0
-    for piece in _pieces([params, grads, exp_avgs, exp_avg_sqs, exp_grad_vars], ts):
+    for piece in _pieces(quints, ts, seeds):
         batch.append(piece)
         size += piece[0][0].numel()
         if size >= BATCH:
-            sums = _step_pieces(batch, group, cdt, inv_scale, sums, stochastic_rounding, generator)
+            sums = _step_pieces(batch, hyper, cdt, inv_scale, sums)
             batch, size = [], 0
     if batch:
-        sums = _step_pieces(batch, group, cdt, inv_scale, sums, stochastic_rounding, generator)
+        sums = _step_pieces(batch, hyper, cdt, inv_scale, sums)
     return sums
 
 
-def _step_pieces(batch, group: dict[str, Any], cdt: torch.dtype, inv_scale: float | None,
-                 sums: Tensor | None, stochastic_rounding: bool, generator) -> Tensor | None:
-    params, grads, exp_avgs, exp_avg_sqs, exp_grad_vars = (list(x) for x in zip(*(q for q, _ in batch)))
-    ts = [t for _, t in batch]
+def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
+                 sums: Tensor | None) -> Tensor | None:
+    params, grads, exp_avgs, exp_avg_sqs, exp_grad_vars = (list(x) for x in zip(*(q for q, _, _ in batch)))
+    ts = [t for _, t, _ in batch]
+    streams = [s for _, _, s in batch] if h.stochastic_rounding else None
     track_stats = sums is not None
-    beta1, beta2 = group["betas"]
-    rho, eps, wd, alpha = group["rho"], group["eps"], group["weight_decay"], group["alpha"]
-    lr = group["lr"]
-    lr = lr.item() if isinstance(lr, Tensor) else float(lr)
+    beta1, beta2, rho, eps, wd, alpha = h.beta1, h.beta2, h.rho, h.eps, h.weight_decay, h.alpha
+    lr = h.host_lr()
 
     p = _upcast(params, cdt)
     g = _upcast(grads, cdt)
@@ -130,7 +140,7 @@ def _step_pieces(batch, group: dict[str, Any], cdt: torch.dtype, inv_scale: floa
     s = _upcast(exp_grad_vars, cdt)
     if inv_scale is not None:
         g = torch._foreach_mul(g, inv_scale)
-    if group["maximize"]:
+    if h.maximize:
         g = torch._foreach_neg(g)
 
     diff = torch._foreach_sub(g, m)  # m before this step's update
@@ -150,16 +160,17 @@ def _step_pieces(batch, group: dict[str, Any], cdt: torch.dtype, inv_scale: floa
     torch._foreach_add_(denom, eps)
     step_size = [-lr / b for b in bc1]
 
-    gated = [i for i, t in enumerate(ts) if group["gate"] != "none" and t > group["warmup_steps"]]
+    gated = [i for i, t in enumerate(ts) if h.gate != "none" and t > h.warmup_steps]
     if gated or track_stats:
         mhat2 = torch._foreach_div(m, bc1)
         torch._foreach_mul_(mhat2, mhat2)
-        noise = torch._foreach_div(s, [(1 - rho**t) / alpha if alpha else math.inf for t in ts])
+        # ALGORITHM.md: at t = 1 the gate uses s-hat := m-hat^2, its exact value
+        shats = [mhat2[i].clone() if t == 1 else s[i] / (1 - rho**t) for i, t in enumerate(ts)]
+        noise = torch._foreach_mul(shats, alpha)
         if track_stats:
             q_all = [torch.ones_like(x) for x in m]
     if gated:
-        shat = torch._foreach_div([s[i] for i in gated], [1 - rho ** ts[i] for i in gated])
-        q = _gate([mhat2[i].clone() for i in gated], shat, group)
+        q = _gate([mhat2[i].clone() for i in gated], [shats[i] for i in gated], h)
         if track_stats:
             for k, i in enumerate(gated):
                 q_all[i] = q[k].clone()
@@ -179,7 +190,7 @@ def _step_pieces(batch, group: dict[str, Any], cdt: torch.dtype, inv_scale: floa
             sum(x.sum() for x in noise),
         ])
 
-    _store(params, p, stochastic_rounding, generator)
+    _store(params, p, streams)
     _store(exp_avgs, m)
     _store(exp_avg_sqs, v)
     _store(exp_grad_vars, s)

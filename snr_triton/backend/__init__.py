@@ -1,0 +1,90 @@
+"""The backends: one interface, one registry, one order for `auto`.
+
+Every backend module exposes the same two functions:
+
+    unavailable_reason(device, dtype, hyper) -> str | None
+        None when it can step params of this (real) dtype on this device with these settings,
+        else what to do instead.
+    step(flat, params, grads, hyper, *, grad_scale, found_inf) -> Tensor | None
+        One step of the active `params` (with `grads`) of one bucket, whose states `flat`
+        holds; returns the device sums of the gate statistics (contract.STATS) when
+        hyper.track_stats, else None. A non-zero found_inf makes it a no-op.
+
+and may declare AUTO_DEVICE_TYPES, the device types `auto` may pick it for (default: all):
+Triton on a CPU runs interpreted, for tests, and is used only when named.
+
+`auto` takes the first backend of ORDER that is available. Adding a backend means adding a
+module with these two functions and its name to ORDER.
+
+(The package is `backend`, not `backends`: torch.compile skips every file whose path contains
+"triton/backends", which snr_triton/backends/ would, and the step would break its graph.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..hyperparams import Hyper
+
+ORDER = ("triton", "cpu", "eager")
+
+
+class Degraded(str):
+    """A reason meaning: this backend would serve these tensors, but cannot run on this machine
+    (no C compiler, Triton missing). `auto` then falls back, and says so once."""
+
+
+_modules: dict[str, ModuleType] = {}
+
+
+def get(name: str) -> ModuleType:
+    """The backend module `name`, imported on first use (a plain dict lookup after that, which
+    torch.compile traces)."""
+    module = _modules.get(name)
+    if module is None:
+        if name not in ORDER:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, ORDER))}; got {name!r}")
+        module = _modules[name] = importlib.import_module(f"{__name__}.{name}")
+    return module
+
+
+_warned: set[str] = set()
+
+
+def choose(backend: str, device: torch.device, dtype: torch.dtype, hyper: "Hyper") -> tuple[str, ModuleType]:
+    """The backend that steps params of `dtype` on `device`: the one named, or under "auto" the
+    first available in ORDER. Raises RuntimeError when a named backend cannot run."""
+    if backend != "auto":
+        module = get(backend)
+        reason = module.unavailable_reason(device, dtype, hyper)
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} cannot step a {dtype} param on {device}: {reason}")
+        return backend, module
+    degraded = []
+    for name in ORDER:
+        module = get(name)
+        if device.type not in getattr(module, "AUTO_DEVICE_TYPES", (device.type,)):
+            continue
+        reason = module.unavailable_reason(device, dtype, hyper)
+        if reason is None:
+            for skipped, why in degraded:
+                if why not in _warned:
+                    _warned.add(why)
+                    warnings.warn(f"SNRAdamW backend='auto' steps {dtype} params on {device} with the "
+                                  f"{name} backend, several times slower than the fused {skipped} kernel, "
+                                  f"because {why}", UserWarning, stacklevel=4)
+            return name, module
+        if isinstance(reason, Degraded):
+            degraded.append((name, reason))
+    raise RuntimeError(f"no backend can step a {dtype} param on {device}")
+
+
+def available(device: torch.device, dtype: torch.dtype, hyper: "Hyper") -> list[str]:
+    """The backends that can step `dtype` params on `device` here, in ORDER."""
+    return [name for name in ORDER if get(name).unavailable_reason(device, dtype, hyper) is None]

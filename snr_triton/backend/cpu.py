@@ -1,0 +1,204 @@
+"""The CPU backend: kernels/snr_adamw_cpu.c, the single-pass twin of the Triton kernel.
+
+Eager torch ops write a temporary per intermediate and run ~20x slower than fused AdamW on a
+CPU. The C source is compiled once per machine with the system C compiler and cached under
+~/.cache/snr-triton (or $SNR_TRITON_CACHE), keyed by the source, flags, compiler and CPU. The
+cache is safe under real use: processes starting together (DDP ranks) compile once under a
+file lock, a library is used only if its checksum matches the one written after its compile,
+and an unwritable cache directory falls back to a private temporary one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..contract import CPU_DTYPES, GATE_IDS, STATS, c_defines
+from ..flat_state import FlatState
+from ..hyperparams import Hyper
+from ..tables import table_for
+from . import Degraded
+
+CHUNK = 1 << 15  # elements per work item: large enough to amortize, small enough to balance threads
+PARALLEL_MIN = 1 << 18  # below this many elements a step runs on the calling thread alone
+AUTO_DEVICE_TYPES = ("cpu",)
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-fno-math-errno",
+          "-std=c11"]
+# The order in which snr_adamw_contract() reports the defines it was compiled with.
+_CONTRACT_ORDER = ("GATE_NONE", "GATE_SNR", "GATE_SOFT", "GATE_HARD", "ROW_PARAM_ADDR", "ROW_GRAD_ADDR",
+                   "ROW_STATE_OFFSET", "ROW_NUMEL", "ROW_FIRST_BLOCK", "ROW_STEP_SLOT", "ROW_RNG_SEED",
+                   "STAT_SUM_Q", "STAT_COUNT_ABOVE", "STAT_SUM_SIGNAL", "STAT_SUM_NOISE", "ROW_COLUMNS",
+                   "STAT_COLUMNS", "ALIGN")
+
+_library: ctypes.CDLL | None = None
+_library_error: str | None = None
+
+
+class _Hyper(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_double) for name in (
+        "beta1", "beta2", "rho", "eps", "weight_decay", "alpha", "softness", "gate_eps", "lr",
+        "inv_grad_scale")] + [("warmup_steps", ctypes.c_int64)]
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -> str | None:
+    if device.type != "cpu":
+        return "it steps CPU tensors only; use backend='triton' or 'auto' on GPUs"
+    if dtype not in CPU_DTYPES:
+        return f"it supports float32 and bfloat16 params; use backend='eager' or 'auto' for {dtype}"
+    if hyper.stochastic_rounding:
+        return "it has no stochastic rounding; use backend='eager' or 'auto'"
+    try:
+        load_library()
+    except RuntimeError as e:
+        return Degraded(str(e))
+    return None
+
+
+def _source() -> Path:
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (here / "kernels" / "snr_adamw_cpu.c", here.parent / "kernels" / "snr_adamw_cpu.c"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError("kernels/snr_adamw_cpu.c is missing: reinstall snr-triton")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _flags() -> list[str]:
+    return _FLAGS + [f"-D{k}={v}" for k, v in c_defines().items()]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SNR_TRITON_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "snr-triton")
+    return Path(root)
+
+
+def _cpu_signature() -> bytes:
+    """-march=native code runs only on CPUs like this one: a cache shared between machines (an NFS
+    home) must not hand one machine's library to another."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return b"".join(sorted({line for line in f if line.startswith((b"model name", b"flags"))}))
+    except OSError:
+        import platform
+
+        return (platform.machine() + platform.processor()).encode()
+
+
+def library_name() -> str:
+    source = _source().read_bytes()
+    tag = hashlib.sha256(source + " ".join(_flags()).encode() + str(_compiler()).encode()
+                         + _cpu_signature()).hexdigest()[:16]
+    return f"snr_adamw_cpu-{tag}.so"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _writable_cache() -> Path:
+    """The cache directory, or a private temporary one when it cannot be written (a read-only home)."""
+    root = cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+        return root
+    except OSError as e:
+        private = Path(tempfile.mkdtemp(prefix="snr-triton-"))
+        warnings.warn(f"SNRAdamW: the kernel cache {root} is not writable ({e.strerror}); compiling into "
+                      f"{private} for this process", UserWarning, stacklevel=2)
+        return private
+
+
+def _build(path: Path) -> None:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        proc = subprocess.run([cc, *_flags(), str(_source()), "-o", str(out), "-lm"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        digest = _digest(out)
+        os.replace(out, path)  # atomic: a reader never sees a partial file under this name
+    Path(f"{path}.sha256").write_text(digest)
+
+
+def _cached_library() -> Path:
+    """Path of a verified library: built once under an exclusive lock, rebuilt when the file does
+    not match the checksum written after its compile (truncated, corrupted, half-copied)."""
+    root = _writable_cache()
+    path = root / library_name()
+    with open(root / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we crash
+        checksum = Path(f"{path}.sha256")
+        if not (path.exists() and checksum.exists() and checksum.read_text().strip() == _digest(path)):
+            _build(path)
+    return path
+
+
+def load_library() -> ctypes.CDLL:
+    """Compile (first time on this machine) and load the CPU kernel; raises RuntimeError with the
+    reason when it cannot."""
+    global _library, _library_error
+    if _library is not None:
+        return _library
+    if _library_error is not None:
+        raise RuntimeError(_library_error)
+    try:
+        lib = ctypes.CDLL(str(_cached_library()))
+        lib.snr_adamw_contract.restype = ctypes.c_int64
+        values = (ctypes.c_int64 * len(_CONTRACT_ORDER))()
+        if lib.snr_adamw_contract(values) != len(_CONTRACT_ORDER) or \
+                list(values) != [c_defines()[k] for k in _CONTRACT_ORDER]:
+            raise RuntimeError("the compiled library disagrees with snr_triton/contract.py")
+    except (OSError, RuntimeError) as e:
+        _library_error = f"the fused CPU kernel is unavailable: {e}"
+        raise RuntimeError(_library_error) from e
+    fn = lib.snr_adamw_step
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Hyper), ctypes.c_int,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    _library = lib
+    return lib
+
+
+def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
+         grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
+    lib = load_library()
+    if found_inf is not None and found_inf.item() != 0:  # a CPU tensor: no device to wait for
+        return torch.zeros(len(STATS), dtype=torch.float64) if hyper.track_stats else None
+    table, write_back = table_for("cpu", flat, params, grads, [flat.index[p] for p in params], CHUNK)
+    table.count_step(flat.steps)
+    if hyper.track_stats and table.stats is None:
+        table.stats = torch.zeros(table.num_blocks, len(STATS), dtype=torch.float64)
+    h = hyper
+    c_hyper = _Hyper(h.beta1, h.beta2, h.rho, h.eps, h.weight_decay, h.alpha, h.softness, h.gate_eps,
+                     h.host_lr(), 1.0 / grad_scale.item() if grad_scale is not None else 1.0, h.warmup_steps)
+    bufs = flat.buffers
+    lib.snr_adamw_step(
+        table.rows.data_ptr(), table.block_tensor.data_ptr(), table.num_blocks, CHUNK,
+        bufs["exp_avg"].data_ptr(), bufs["exp_avg_sq"].data_ptr(), bufs["exp_grad_var"].data_ptr(),
+        flat.steps.data_ptr(), ctypes.byref(c_hyper), GATE_IDS[h.gate], int(h.maximize),
+        int(flat.dtype == torch.bfloat16), int(flat.state_dtype == torch.bfloat16),
+        table.stats.data_ptr() if h.track_stats else None,
+        torch.get_num_threads() if table.numel >= PARALLEL_MIN else 1)
+    for dst, src in write_back:
+        dst.copy_(src)
+    return table.stats.sum(0) if h.track_stats else None

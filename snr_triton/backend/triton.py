@@ -1,0 +1,172 @@
+"""The Triton backend: one fused launch per bucket (kernels/snr_adamw.py), on a GPU or, for
+tests, under Triton's interpreter on the CPU.
+
+Host work per step: one comparison of data pointers (snr_triton/tables.py), the step
+counters bumped on the device, one launch. Nothing is read back from the device, so the step
+is CUDA-graph capturable with a tensor lr.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+
+import torch
+from torch import Tensor
+
+from ..contract import GATE_IDS, STATS, TRITON_DTYPES
+from ..flat_state import FlatState
+from ..hyperparams import Hyper
+from ..tables import table_for
+from . import Degraded
+
+BLOCK = 1024
+NUM_WARPS = 4
+AUTO_DEVICE_TYPES = ("cuda",)  # interpreted on a CPU: only when asked for by name
+
+_kernel_module = None
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -> str | None:
+    if device.type not in ("cuda", "cpu"):
+        return f"Triton cannot run on device type {device.type!r}; use backend='eager' or 'auto'"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        reason = "Triton is not installed: `pip install triton` (CUDA builds of torch ship it)"
+        return Degraded(reason) if device.type == "cuda" and dtype in TRITON_DTYPES else reason
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 in the "
+                "environment before the first step (slow; for tests), or use backend='eager' or 'auto'")
+    if dtype not in TRITON_DTYPES:
+        return (f"the kernel supports {', '.join(map(str, TRITON_DTYPES))} params; "
+                f"use backend='eager' or 'auto' for {dtype}")
+    return None
+
+
+def kernel_module():
+    """Import the kernels lazily: triton.jit reads TRITON_INTERPRET when the module is imported."""
+    global _kernel_module
+    if _kernel_module is None:
+        try:
+            from ..kernels import snr_adamw
+        except ModuleNotFoundError:
+            snr_adamw = _load_from_source_tree("snr_adamw")
+        _kernel_module = snr_adamw
+    return _kernel_module
+
+
+def _load_from_source_tree(name: str):
+    """Installed, the kernels are snr_triton.kernels; in a source checkout imported from its root
+    (`python -c ...` there), the package is the folder snr_triton/ and they sit in ../kernels/."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "kernels" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"snr_triton.kernels.{name}", path)
+    if spec is None or not path.exists():
+        raise ModuleNotFoundError(f"snr_triton.kernels.{name} is missing: reinstall snr-triton")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _split_f32(x: float) -> tuple[float, float]:
+    """x as hi + lo, both float32, so a float64 survives the kernel's float32 scalar arguments."""
+    if math.isinf(x):
+        return x, 0.0
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_avg_sq: Tensor,
+               exp_grad_var: Tensor, steps: Tensor, stats: Tensor, flat_handle: int, slots: list[int], lr: float,
+               lr_tensor: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
+               scalars: list[float], gate: str, warmup_steps: int, maximize: bool,
+               stochastic_rounding: bool, track_stats: bool) -> None:
+    """One step of the active params of a bucket: step counters, then one kernel launch; with
+    track_stats, this step's gate sums into `stats` (shape [len(STATS)]).
+    `scalars` = Hyper's (beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps)."""
+    flat = FlatState.find(flat_handle)  # stable for the bucket's life: no recompiles
+    table, write_back = table_for("triton", flat, params, grads, slots, BLOCK)
+    dev = steps.device
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(dev, non_blocking=True)
+    if found_inf is not None:
+        found_inf = found_inf.to(dev, non_blocking=True)
+    table.count_step(steps)
+    if table.num_blocks:
+        if track_stats and table.stats is None:
+            table.stats = torch.zeros(table.num_blocks, len(STATS), device=dev)
+        beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps = scalars
+        lb1, lb2, lrho = (_split_f32(_log(b)) for b in (beta1, beta2, rho))
+        dummy = steps
+        kernel_module().snr_adamw_kernel[(table.num_blocks,)](
+            table.rows, table.block_tensor, exp_avg, exp_avg_sq, exp_grad_var, steps,
+            lr, lr_tensor if lr_tensor is not None else dummy,
+            grad_scale if grad_scale is not None else dummy,
+            found_inf if found_inf is not None else dummy,
+            table.stats if track_stats else dummy,
+            beta1, 1.0 - beta1, beta2, 1.0 - beta2, rho, 1.0 - rho, *lb1, *lb2, *lrho,
+            eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
+            PARAM_DTYPE=_tl_dtype(flat.dtype), GATE=GATE_IDS[gate], MAXIMIZE=maximize,
+            LR_IS_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            STOCHASTIC_ROUNDING=stochastic_rounding and flat.dtype == torch.bfloat16,
+            TRACK_STATS=track_stats, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+    if found_inf is not None:  # as torch's fused Adam: the step does not count
+        steps.index_add_(0, table.slots, found_inf.to(steps.dtype).expand(len(params)), alpha=-1)
+    for dst, src in write_back:
+        dst.copy_(src)
+    if track_stats:
+        if table.num_blocks:
+            torch.sum(table.stats, 0, out=stats)
+        else:
+            stats.zero_()
+
+
+# Registered as a custom op so that torch.compile treats the step as one opaque, mutating call
+# (no graph break, correct aliasing) instead of tracing into Triton's launcher.
+fused_step_op = torch.library.custom_op(
+    "snr_triton::fused_step", fused_step,
+    mutates_args=("params", "exp_avg", "exp_avg_sq", "exp_grad_var", "steps", "stats"))
+
+
+@fused_step_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None  # only mutates its inputs: nothing to describe for tracing
+
+
+def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
+         grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
+    lr, lr_tensor = hyper.lr, None
+    if isinstance(lr, Tensor):
+        if lr.device == flat.device:
+            lr_tensor, lr = lr, 0.0
+        else:  # a CPU tensor next to CUDA params: reading it does not synchronize the GPU
+            lr = lr.item()
+    key = ("triton stats", hyper.track_stats)  # [len(STATS)], or [0] as a placeholder when off
+    stats = flat.tables.get(key)
+    if stats is None:
+        stats = flat.tables[key] = torch.zeros(len(STATS) if hyper.track_stats else 0, device=flat.device)
+    h = hyper
+    op = fused_step_op if torch.compiler.is_compiling() else fused_step
+    op(params, grads, flat.buffers["exp_avg"], flat.buffers["exp_avg_sq"], flat.buffers["exp_grad_var"],
+       flat.steps, stats, flat.handle, [flat.index[p] for p in params], float(lr), lr_tensor, grad_scale,
+       found_inf, [h.beta1, h.beta2, h.rho, h.eps, h.weight_decay, h.alpha, h.softness, h.gate_eps],
+       h.gate, h.warmup_steps, h.maximize, h.stochastic_rounding, h.track_stats)
+    return stats if h.track_stats else None

@@ -1,0 +1,39 @@
+"""The kernel contract: what the host and every kernel must agree on, written once.
+
+The Triton kernel imports these names as constexprs; the C kernel is compiled with them as
+`-D` defines (`c_defines()`), and reports back what it was built with, so a test can tell if
+any copy disagrees. Nothing else in the package spells a gate id, a table column, the state
+alignment or a stats column.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GATES = ("snr", "soft", "hard", "none")  # as users see them; ids are the kernels' switch values
+GATE_IDS = {"none": 0, "snr": 1, "soft": 2, "hard": 3}
+
+# States of a bucket live in flat buffers; each param's segment starts on a multiple of ALIGN
+# elements (64 bytes in fp32, 32 in bf16), which the kernels' alignment hints rely on.
+ALIGN = 16
+
+# The address table (snr_triton/tables.py), read by both fused kernels: one int64 row per active
+# tensor, and an int32 block table giving the tensor (row) of each block of BLOCK elements.
+ROW = ("param_addr", "grad_addr", "state_offset", "numel", "first_block", "step_slot", "rng_seed")
+
+# Partial sums of the gate statistics, one row per program / chunk, in this column order.
+STATS = ("sum_q", "count_above", "sum_signal", "sum_noise")
+
+# Param (real) dtypes each fused kernel serves; the eager path serves every floating dtype.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def c_defines() -> dict[str, int]:
+    """The contract as C preprocessor constants (the C kernel has no copy of its own)."""
+    out = {f"GATE_{name.upper()}": i for name, i in GATE_IDS.items()}
+    out.update({f"ROW_{c.upper()}": i for i, c in enumerate(ROW)})
+    out.update({f"STAT_{c.upper()}": i for i, c in enumerate(STATS)})
+    out.update(ROW_COLUMNS=len(ROW), STAT_COLUMNS=len(STATS), ALIGN=ALIGN)
+    return out
