@@ -67,8 +67,13 @@ def hyper(case: Case) -> tuple[dict, dict]:
     return g0, g1
 
 
-def run_case(case: Case, backend: str, device="cpu") -> dict[str, float]:
-    """Max relative error of params (displacement for fp32/fp64) and states after case.steps."""
+def simulate(case: Case, backend: str, device="cpu", model_state_rounding: bool = True):
+    """Run SNRAdamW and the float64 reference side by side on the case's problem.
+
+    Returns (initial params, our params, the optimizer, reference params, reference states).
+    With `model_state_rounding` the reference rounds its states through case.state_dtype, as a
+    backend storing them narrower does; without, it keeps them in float64 (the ideal).
+    """
     params, grads = make_problem(case, device)
     g0, g1 = hyper(case)
     split = len(params) - 1
@@ -77,14 +82,19 @@ def run_case(case: Case, backend: str, device="cpu") -> dict[str, float]:
                    backend=backend, state_dtype=case.state_dtype)
     refs = [p.clone() for p in params]
     ref_states = [reference.new_state(p) for p in refs]
-    store = None if case.dtype == "fp64" else case.state_dtype
+    store = case.state_dtype if model_state_rounding and case.dtype != "fp64" else None
     for gs in grads:
         for p, g in zip(ours, gs):
             p.grad = g.clone()
         opt.step()
         for i, (p, g) in enumerate(zip(refs, gs)):
-            hp = g0 if i < split else g1
-            reference.reference_step(p, g, ref_states[i], **hp, state_dtype=store)
+            reference.reference_step(p, g, ref_states[i], **(g0 if i < split else g1), state_dtype=store)
+    return params, ours, opt, refs, ref_states
+
+
+def run_case(case: Case, backend: str, device="cpu") -> dict[str, float]:
+    """Max relative error of params (displacement for fp32/fp64) and states after case.steps."""
+    _, ours, opt, refs, ref_states = simulate(case, backend, device)
     err = {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0, "exp_grad_var": 0.0, "step": 0.0}
     for p, r, st in zip(ours, refs, ref_states):
         err["param"] = max(err["param"], relative_error(p, r))
@@ -92,6 +102,13 @@ def run_case(case: Case, backend: str, device="cpu") -> dict[str, float]:
             err[key] = max(err[key], relative_error(opt.state[p][key], st[key]))
         err["step"] = max(err["step"], abs(opt.state[p]["step"].item() - st["step"]))
     return err
+
+
+def displacement_error(case: Case, backend: str, device="cpu") -> float:
+    """Relative error of the params' displacement (theta_t - theta_0) against the reference that
+    keeps its states in float64: what storing states narrower costs."""
+    params, ours, _, refs, _ = simulate(case, backend, device, model_state_rounding=False)
+    return max(relative_error(p - p0, r - p0) for p, r, p0 in zip(ours, refs, params))
 
 
 def tolerances(case: Case) -> tuple[float, float]:

@@ -242,12 +242,10 @@ class SNRAdamW(Optimizer):
             where = f" (param group {gi})"
             hyper = self._hyper(group, where)
             buckets: dict[tuple, list[Tensor]] = {}
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"SNRAdamW does not support sparse gradients{where}; "
-                                       "use dense gradients (e.g. nn.Embedding(sparse=False))")
+                _check_grad(p, p.grad, f" (param {i} of param group {gi})")
                 buckets.setdefault((p.device, _real_dtype(p)), []).append(p)
             for (device, dtype), params in buckets.items():
                 _, backend = self._choose(group["backend"], device, dtype, hyper, where)
@@ -289,6 +287,16 @@ class SNRAdamW(Optimizer):
             per_group.append(values)
             total = values if total is None else total + values
         return {**_stats_dict(total), "groups": [_stats_dict(v) for v in per_group]}
+
+
+def _check_grad(p: Tensor, g: Tensor, where: str) -> None:
+    """The kernels read a grad as the param's dtype and layout: anything else is refused up front."""
+    if g.is_sparse:
+        raise RuntimeError(f"SNRAdamW does not support sparse gradients{where}; "
+                           "use dense gradients (e.g. nn.Embedding(sparse=False))")
+    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+        raise RuntimeError(f"grad does not match its param{where}: grad {g.dtype} {tuple(g.shape)} on "
+                           f"{g.device}, param {p.dtype} {tuple(p.shape)} on {p.device}; they must agree")
 
 
 def _unwrap(value: Any, device: torch.device | None) -> Any:

@@ -21,6 +21,16 @@ from snr_triton.hyperparams import DEFAULT_HYPER  # noqa: E402
 # Every backend of the registry that can run fp32 params here: the shared matrix of tests runs
 # over this list, so a new backend is tested by adding it to snr_triton.backend.ORDER.
 BACKENDS = backend.available(torch.device(DEVICE), torch.float32, DEFAULT_HYPER)
+
+
+def dtypes_served(name: str) -> list[str]:
+    """The param dtypes (snr_triton.check.DTYPES names) that backend `name` steps here."""
+    from snr_triton.check import DTYPES
+
+    module = backend.get(name)
+    return [k for k, dt in DTYPES.items() if module.unavailable_reason(torch.device(DEVICE), dt, DEFAULT_HYPER) is None]
+
+
 TRITON = "triton" in BACKENDS
 CPU_KERNEL = "cpu" in BACKENDS
 # In CI a missing backend fails loudly instead of skipping quietly.

@@ -1,4 +1,4 @@
-"""Every backend against the float64 reference over the full hyperparameter grid.
+"""The shared matrix: every backend against the float64 reference over the hyperparameter grid.
 
 Each case has two param groups with different hyperparameters and a zero-size param,
 and runs 10 steps (snr_triton.check documents the tolerances: n ulps of the param dtype).
@@ -9,17 +9,14 @@ import itertools
 import pytest
 import torch
 
-from conftest import BACKENDS, DEVICE
-from snr_triton.check import Case, passes, run_case, tolerances
+from conftest import BACKENDS, DEVICE, dtypes_served
+from snr_triton import SNRAdamW
+from snr_triton.check import DTYPES, Case, passes, run_case, tolerances
 
 GRID = list(itertools.product(["snr", "soft", "hard", "none"], [False, True], [0.0, 1e-2], [0, 3]))
 
 
-def dtypes_for(backend):
-    return {"triton": ["fp32", "bf16", "fp16"], "cpu": ["fp32", "bf16"]}.get(backend, ["fp32", "fp64", "bf16"])
-
-
-CASES = [(b, d, *g) for b in BACKENDS for d in dtypes_for(b) for g in GRID]
+CASES = [(b, d, *g) for b in BACKENDS for d in dtypes_served(b) for g in GRID]
 
 
 @pytest.mark.parametrize("backend,dtype,gate,maximize,weight_decay,warmup", CASES)
@@ -54,13 +51,18 @@ def test_bf16_states_track_the_reference(backend):
     assert passes(case, err), err
 
 
-def test_eager_steps_large_tensors_in_bounded_pieces(monkeypatch):
-    """Eager splits big tensors into pieces and batches (bounded temporaries): same results."""
-    from snr_triton.backend import eager
-
-    monkeypatch.setattr(eager, "PIECE", 64)
-    monkeypatch.setattr(eager, "BATCH", 256)
-    for gate in ("snr", "hard"):
-        case = Case(gate=gate, sizes=(1000, 7, 300, 0), steps=4)
-        err = run_case(case, "eager", DEVICE)
-        assert passes(case, err), err
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in dtypes_served(b)])
+def test_first_step_tie_is_decided_by_the_rule_not_by_rounding(backend, dtype):
+    """ALGORITHM.md: at t = 1 the gate uses s-hat := m-hat^2. With the hard gate at alpha = 1
+    (m-hat^2 > m-hat^2 is false) nothing moves; at alpha = 0.999 every coordinate with a grad does."""
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(4097, generator=gen).to(DTYPES[dtype]).to(DEVICE)
+    grad = torch.randn(4097, generator=gen).to(DTYPES[dtype]).to(DEVICE)
+    grad[::7] = 0
+    for alpha, moves in ((1.0, False), (0.999, True)):
+        p = torch.nn.Parameter(theta.clone())
+        opt = SNRAdamW([p], lr=0.05, gate="hard", alpha=alpha, weight_decay=0.0, backend=backend)
+        p.grad = grad.clone()
+        opt.step()
+        moved = p.detach() != theta
+        assert torch.equal(moved, (grad != 0) if moves else torch.zeros_like(moved)), (alpha, moved.sum())

@@ -77,28 +77,6 @@ def test_sparse_gradients_raise_and_change_nothing(backend):
     assert torch.equal(dense.detach(), torch.ones(3, device=DEVICE)) and len(opt.state) == 0
 
 
-def test_triton_refuses_float64_instead_of_falling_back():
-    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="backend='triton'.*float64.*backend='eager' or 'auto'"):
-        SNRAdamW([p], backend="triton")
-
-
-def test_cpu_kernel_refuses_what_it_cannot_do():
-    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
-    with pytest.raises(RuntimeError, match="backend='cpu'.*float32 and bfloat16.*backend='eager' or 'auto'"):
-        SNRAdamW([p], backend="cpu")
-    q = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
-    with pytest.raises(RuntimeError, match="stochastic rounding"):
-        SNRAdamW([q], backend="cpu", stochastic_rounding=True)
-
-
-def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        SNRAdamW([torch.nn.Parameter(torch.ones(3))], backend="triton")
-
-
 def test_load_state_dict_rejects_bad_groups_and_keeps_state():
     p = torch.nn.Parameter(torch.ones(3))
     opt = SNRAdamW([p], backend="eager")

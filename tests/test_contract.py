@@ -1,0 +1,71 @@
+"""The kernel contract is written once (snr_triton/contract.py) and every copy agrees with it;
+the backend registry chooses as documented."""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import TRITON
+from snr_triton import SNRAdamW, backend, contract
+from snr_triton.backend import cpu
+from snr_triton.hyperparams import DEFAULT_HYPER, GATES
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton is not installed")
+def test_triton_kernel_constants_are_the_contract():
+    from snr_triton.backend.triton import kernel_module
+
+    km = kernel_module()
+    for name, i in contract.GATE_IDS.items():
+        assert getattr(km, f"GATE_{name.upper()}").value == i
+    columns = {"PARAM_ADDR": "param_addr", "GRAD_ADDR": "grad_addr", "STATE_OFFSET": "state_offset",
+               "NUMEL": "numel", "FIRST_BLOCK": "first_block", "STEP_SLOT": "step_slot", "RNG_SEED": "rng_seed"}
+    for const, column in columns.items():
+        assert getattr(km, const).value == contract.ROW.index(column)
+    assert km.ROW_COLUMNS.value == len(contract.ROW) and km.STAT_COLUMNS.value == len(contract.STATS)
+    assert km.ALIGN.value == contract.ALIGN
+
+
+def test_flat_state_segments_honour_the_alignment():
+    from snr_triton.flat_state import FlatState
+
+    params = [torch.zeros(n) for n in (1, 17, 0, 33)]
+    flat = FlatState(params, [0, 1, 2, 3], {}, DEFAULT_HYPER, torch.device("cpu"), torch.float32)
+    assert all(off % contract.ALIGN == 0 for off in flat.offsets)
+    assert all(buf.data_ptr() % (contract.ALIGN * 4) == 0 for buf in flat.buffers.values())
+
+
+def test_gate_names_are_the_contract():
+    assert set(GATES) == set(contract.GATE_IDS)
+
+
+def test_registry_order_and_auto():
+    assert backend.ORDER == ("triton", "cpu", "eager")
+    cpu_param = torch.device("cpu")
+    fused = "cpu" if cpu.unavailable_reason(cpu_param, torch.float32, DEFAULT_HYPER) is None else "eager"
+    assert backend.choose("auto", cpu_param, torch.float32, DEFAULT_HYPER)[0] == fused
+    # float64 is served by no fused kernel; Triton on a CPU (interpreted) is never auto's choice
+    assert backend.choose("auto", cpu_param, torch.float64, DEFAULT_HYPER)[0] == "eager"
+    with pytest.raises(RuntimeError, match="backend='cpu' cannot step a torch.float64"):
+        backend.choose("cpu", cpu_param, torch.float64, DEFAULT_HYPER)
+
+
+def test_auto_warns_once_when_it_falls_back_for_a_broken_fused_kernel(monkeypatch):
+    def broken():
+        raise RuntimeError("the fused CPU kernel is unavailable: no C compiler found")
+
+    monkeypatch.setattr(cpu, "load_library", broken)
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(UserWarning, match="eager backend, several times slower than the fused cpu kernel, "
+                                         "because the fused CPU kernel is unavailable: no C compiler"):
+        opt = SNRAdamW([torch.nn.Parameter(torch.ones(3))])
+    assert opt.backend_of(opt.param_groups[0]["params"][0]) == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: a second optimizer, or a step, says nothing more
+        SNRAdamW([torch.nn.Parameter(torch.ones(3))])
+    # what the C kernel would not serve anyway (float64) falls back without a word
+    monkeypatch.setattr(backend, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SNRAdamW([torch.nn.Parameter(torch.ones(3, dtype=torch.float64))])

@@ -1,0 +1,105 @@
+"""What only the CPU backend has: the compiled C kernel, its contract and its on-disk cache.
+
+The cache tests run fresh processes (the library is loaded once per process), each with its
+own empty cache directory, and count compiler runs through a CC wrapper that logs each call.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import CPU_KERNEL
+from snr_triton import SNRAdamW, contract
+from snr_triton.backend import cpu
+
+pytestmark = pytest.mark.skipif(not CPU_KERNEL, reason="no C compiler on this machine")
+
+LOAD = textwrap.dedent("""
+    import torch
+    from snr_triton import SNRAdamW
+    p = torch.nn.Parameter(torch.ones(64))
+    opt = SNRAdamW([p], lr=0.1, weight_decay=0.0, gate="none", backend="cpu")
+    p.grad = torch.ones(64)
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((64,), 0.9)), p
+    print("stepped")
+""")
+
+
+def counting_cc(tmp_path):
+    """A C compiler that appends a line to a log on every run, then runs the real one."""
+    log = tmp_path / "cc.log"
+    script = tmp_path / "cc"
+    script.write_text(f"#!/bin/sh\necho run >> {log}\nexec {cpu._compiler()} \"$@\"\n")
+    script.chmod(0o755)
+    return str(script), log
+
+
+def run(cache, cc, n=1):
+    env = dict(os.environ, SNR_TRITON_CACHE=str(cache), CC=cc)
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    return [(p.wait(timeout=240), *p.communicate()) for p in procs]
+
+
+def compiles(log):
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_eight_processes_on_an_empty_cache_compile_once(tmp_path):
+    cc, log = counting_cc(tmp_path)
+    results = run(tmp_path / "cache", cc, n=8)
+    assert all(code == 0 and "stepped" in out for code, out, _ in results), results
+    assert compiles(log) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_a_damaged_cached_library_is_rebuilt(tmp_path, damage):
+    cc, log = counting_cc(tmp_path)
+    cache = tmp_path / "cache"
+    assert run(cache, cc)[0][0] == 0 and compiles(log) == 1
+    (lib,) = cache.glob("*.so")
+    data = lib.read_bytes()
+    lib.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:4096] + b"\0" * 64 + data[4160:])
+    code, out, err = run(cache, cc)[0]
+    assert code == 0 and "stepped" in out, err
+    assert compiles(log) == 2  # detected by its checksum and rebuilt, never loaded damaged
+    assert lib.read_bytes() != data[: len(data) // 2]
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_directory(tmp_path):
+    cc, log = counting_cc(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, out, err = run(blocker / "cache", cc)[0]
+    assert code == 0 and "stepped" in out, err
+    assert "not writable" in err and compiles(log) == 1
+
+
+def test_the_compiled_library_reports_the_contract():
+    lib = cpu.load_library()
+    import ctypes
+
+    values = (ctypes.c_int64 * 64)()
+    n = lib.snr_adamw_contract(values)
+    assert dict(zip(cpu._CONTRACT_ORDER, list(values)[:n])) == contract.c_defines()
+
+
+def test_the_c_source_has_no_contract_of_its_own():
+    """Gate ids, table columns and stats columns come from contract.py as -D defines only."""
+    source = cpu._source().read_text()
+    for name in contract.c_defines():
+        assert f"#define {name}" not in source and f"{name} =" not in source, name
+
+
+def test_cpu_kernel_refuses_what_it_cannot_do():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="backend='cpu'.*float32 and bfloat16.*backend='eager' or 'auto'"):
+        SNRAdamW([p], backend="cpu")
+    q = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="stochastic rounding"):
+        SNRAdamW([q], backend="cpu", stochastic_rounding=True)

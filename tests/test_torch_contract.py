@@ -1,0 +1,185 @@
+"""torch.optim's contract, the way PyTorch's own optimizer tests check it, on every backend and
+gate: state_dict round trips are idempotent and deterministic (plain, named, deepcopy, pickle,
+weights_only), named parameters, complex params with every state dtype, what AdamW accepts
+(tensor lr shapes, tensor betas), a failing step changes nothing, hooks, zero-grad no-ops."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from conftest import BACKENDS, DEVICE
+from snr_triton import SNRAdamW
+
+GATES = ["snr", "soft", "hard", "none"]
+MATRIX = [(b, g) for b in BACKENDS for g in GATES]
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)).to(DEVICE)
+
+
+def backward(m, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    m.zero_grad()
+    m(torch.randn(7, 5, generator=gen).to(DEVICE)).pow(2).mean().backward()
+
+
+def trained(backend, gate, named=False, steps=3):
+    m = model()
+    opt = SNRAdamW(m.named_parameters() if named else m.parameters(), lr=1e-2, gate=gate, alpha=0.7,
+                   backend=backend)
+    for k in range(steps):
+        backward(m, k)
+        opt.step()
+    return m, opt
+
+
+def assert_state_dicts_equal(a, b, groups=True):
+    assert a["param_groups"] == b["param_groups"] or not groups
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert a["state"][k].keys() == b["state"][k].keys()
+        for key, value in a["state"][k].items():
+            assert torch.equal(value, b["state"][k][key]), (k, key)
+
+
+def snapshot(m, opt):
+    return [p.detach().clone() for p in m.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def assert_unchanged(m, opt, before, groups=True):
+    params, sd = before
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), params))
+    assert_state_dicts_equal(opt.state_dict(), sd, groups)
+
+
+@pytest.mark.parametrize("backend,gate", MATRIX)
+@pytest.mark.parametrize("named", [False, True])
+def test_state_dict_round_trips_are_idempotent(backend, gate, named):
+    m, opt = trained(backend, gate, named)
+    sd = opt.state_dict()
+    if named:
+        assert sd["param_groups"][0]["param_names"][0] == "0.weight"
+    fresh = SNRAdamW(model().named_parameters() if named else model().parameters(), gate=gate, backend=backend)
+    fresh.load_state_dict(copy.deepcopy(sd))
+    assert_state_dicts_equal(fresh.state_dict(), sd)
+    assert_state_dicts_equal(copy.deepcopy(opt).state_dict(), sd)
+    assert_state_dicts_equal(pickle.loads(pickle.dumps(opt)).state_dict(), sd)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    again = SNRAdamW(model().named_parameters() if named else model().parameters(), gate=gate, backend=backend)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert_state_dicts_equal(again.state_dict(), sd)
+    # deterministic: loading twice, or loading its own state dict, changes nothing
+    again.load_state_dict(again.state_dict())
+    assert_state_dicts_equal(again.state_dict(), sd)
+
+
+@pytest.mark.parametrize("backend,gate", MATRIX)
+def test_named_parameters_step_like_plain_ones(backend, gate):
+    (m1, _), (m2, _) = trained(backend, gate, named=False), trained(backend, gate, named=True)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_complex_params_step_their_real_view_with_every_state_dtype(backend, state_dtype):
+    gen = torch.Generator().manual_seed(3)
+    z0 = torch.randn(6, 2, generator=gen).to(DEVICE)
+    z = torch.nn.Parameter(torch.view_as_complex(z0.clone()))
+    r = torch.nn.Parameter(z0.clone())
+    oz = SNRAdamW([z], lr=1e-2, backend=backend, state_dtype=state_dtype)
+    orr = SNRAdamW([r], lr=1e-2, backend=backend, state_dtype=state_dtype)
+    for _ in range(4):
+        g = torch.randn(6, 2, generator=gen).to(DEVICE)
+        z.grad, r.grad = torch.view_as_complex(g.clone()), g.clone()
+        oz.step()
+        orr.step()
+    assert torch.equal(torch.view_as_real(z.detach()), r.detach())
+    m = oz.state[z]["exp_avg"]
+    # torch has no bfloat16 complex dtype: bf16 states of a complex param are its real view
+    assert m.is_complex() if state_dtype == torch.float32 else (m.dtype, m.shape) == (torch.bfloat16, (6, 2))
+    assert torch.equal(torch.view_as_real(m) if m.is_complex() else m, orr.state[r]["exp_avg"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lr", [torch.tensor(3e-3), torch.tensor([3e-3])], ids=["0-dim", "shape-1"])
+def test_tensor_lr_and_tensor_betas_as_adamw_takes_them(backend, lr):
+    ref_model, ref = trained(backend, "snr")
+    m = model()
+    opt = SNRAdamW(m.parameters(), lr=lr.to(DEVICE) * (1e-2 / 3e-3), betas=(torch.tensor(0.9), torch.tensor(0.999)),
+                   gate="snr", alpha=0.7, backend=backend)
+    for k in range(3):
+        backward(m, k)
+        opt.step()
+    for a, b in zip(m.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.optim.AdamW(model().parameters(), lr=lr, betas=(torch.tensor(0.9), torch.tensor(0.999)))  # as AdamW
+
+
+@pytest.mark.parametrize("backend,gate", MATRIX)
+def test_a_failing_step_changes_nothing(backend, gate):
+    m, opt = trained(backend, gate)
+    backward(m, 7)
+    before = snapshot(m, opt)
+    keys = set(opt.state)
+    w = m[0].weight
+    good = w.grad
+    w.grad_dtype = None
+    w.grad = good.double()  # a grad of another dtype: the kernels would misread it
+    with pytest.raises(RuntimeError, match=r"grad does not match its param \(param 0 of param group 0\)"):
+        opt.step()
+    assert_unchanged(m, opt, before)
+    assert set(opt.state) == keys
+    w.grad = good
+    opt.param_groups[0]["gate"] = "bogus"  # an invalid edit, caught before anything moves
+    with pytest.raises(ValueError, match="gate must be one of"):
+        opt.step()
+    assert_unchanged(m, opt, before, groups=False)
+    opt.param_groups[0]["gate"] = gate
+    opt.step()  # and then it steps
+    assert not torch.equal(w.detach(), before[0][0])
+
+
+@pytest.mark.parametrize("backend,gate", MATRIX)
+def test_hooks_run_in_order(backend, gate):
+    m, opt = trained(backend, gate, steps=1)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    opt.register_state_dict_pre_hook(lambda o: seen.append("sd pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append("sd post"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("load pre"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load post"))
+    backward(m)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert seen == ["pre", "post", "sd pre", "sd post", "load pre", "load post"]
+
+
+@pytest.mark.parametrize("backend,gate", MATRIX)
+def test_zero_grad_steps(backend, gate):
+    """No grads: a no-op that creates no state. Zero grads: a real step (moments decay, weight
+    decay applies), exactly as torch.optim.AdamW takes it with gate="none"."""
+    m = model()
+    opt = SNRAdamW(m.parameters(), lr=1e-2, gate=gate, backend=backend)
+    m.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.step()
+    assert len(opt.state) == 0 and all(torch.equal(a, b) for a, b in zip(m.parameters(), before))
+    twin = copy.deepcopy(m)
+    adamw = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    for step in range(3):
+        for mm, o in ((m, opt), (twin, adamw)):
+            backward(mm, step) if step < 2 else [p.grad.zero_() for p in mm.parameters()]
+            o.step()
+    if gate == "none":
+        for a, b in zip(m.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(opt.state[p]["step"].item() == 3 for p in m.parameters())
