@@ -16,24 +16,28 @@ from .contract import ROW
 from .flat_state import FlatState, as_real, is_dense
 
 
-def kernel_operands(params: list[Tensor], grads: list[Tensor], slots: list[int]):
-    """What a fused kernel walks: local real views of params and grads, one linear index each.
+class Operands:
+    """What a fused kernel walks this step: local real views of params and grads, one linear index
+    each. A param that is not dense gets a contiguous stand-in, copied back by `write_back()`
+    after the kernel; a grad with other strides than its param gets a copy in the param's layout.
+    Keep this object alive until the kernel has run: the table points into those copies."""
 
-    A param that is not dense gets a contiguous stand-in (copied back by the caller through
-    `write_back` after the step); a grad with other strides than its param gets a copy in the
-    param's layout. `key` identifies the storages.
-    """
-    real_p = [as_real(p) for p in params]
-    real_g = [as_real(g) for g in grads]
-    write_back = []
-    for k, (p, g) in enumerate(zip(real_p, real_g)):
-        if not is_dense(p):
-            real_p[k], real_g[k] = p.contiguous(), g.contiguous()
-            write_back.append((p, real_p[k]))
-        elif g.stride() != p.stride():
-            real_g[k] = torch.empty_like(p).copy_(g)
-    key = (tuple(slots), tuple(p.data_ptr() for p in real_p), tuple(g.data_ptr() for g in real_g))
-    return real_p, real_g, write_back, key
+    def __init__(self, params: list[Tensor], grads: list[Tensor], slots: list[int]):
+        self.params = [as_real(p) for p in params]
+        self.grads = [as_real(g) for g in grads]
+        self._stand_ins = []
+        for k, (p, g) in enumerate(zip(self.params, self.grads)):
+            if not is_dense(p):
+                self.params[k], self.grads[k] = p.contiguous(), g.contiguous()
+                self._stand_ins.append((p, self.params[k]))
+            elif g.stride() != p.stride():
+                self.grads[k] = torch.empty_like(p).copy_(g)
+        self.key = (tuple(slots), tuple(p.data_ptr() for p in self.params),
+                    tuple(g.data_ptr() for g in self.grads))
+
+    def write_back(self) -> None:
+        for dst, src in self._stand_ins:
+            dst.copy_(src)
 
 
 class AddressTable:
@@ -68,8 +72,9 @@ def table_for(backend: str, flat: FlatState, params: list[Tensor], grads: list[T
               block: int):
     """The operands of this step and the bucket's cached table for `backend`, rebuilt if stale.
     `slots` place params in the bucket (a compiled step hands the kernel other tensor objects)."""
-    real_p, real_g, write_back, key = kernel_operands(params, grads, slots)
+    operands = Operands(params, grads, slots)
     table = flat.tables.get(backend)
-    if table is None or table.key != key:
-        table = flat.tables[backend] = AddressTable(key, flat, real_p, real_g, slots, block)
-    return table, write_back
+    if table is None or table.key != operands.key:
+        table = flat.tables[backend] = AddressTable(operands.key, flat, operands.params, operands.grads,
+                                                    slots, block)
+    return table, operands

@@ -1,11 +1,15 @@
-"""Property tests (hypothesis): random hyperparameters and shapes, every backend vs the reference."""
+"""Property tests (hypothesis), in the spirit of PyTorch's test_optim.py matrix: every backend x
+param dtype x state dtype x gate x maximize / weight decay / warmup / lr tensor / grad scale,
+with generated hyperparameters and shapes (0-size, odd sizes, transposed, strided views,
+channels_last), each checked against the float64 reference."""
 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import BACKENDS, DEVICE
+from conftest import BACKENDS, DEVICE, dtypes_served
 from snr_triton import SNRAdamW, reference
+from snr_triton.check import DTYPES
 from snr_triton.reference import gate_q
 
 HYPER = st.fixed_dictionaries({
@@ -15,35 +19,64 @@ HYPER = st.fixed_dictionaries({
     "softness": st.floats(0.0, 3.0), "gate_eps": st.floats(1e-20, 1e-12), "warmup_steps": st.integers(0, 2),
     "maximize": st.booleans(),
 })
+LAYOUTS = ["contiguous", "transposed", "strided", "channels_last"]
+STEPS = 3
 
 
-@given(hp=HYPER, sizes=st.lists(st.integers(0, 70), min_size=1, max_size=4), seed=st.integers(0, 2**16),
-       backend=st.sampled_from(BACKENDS))
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_any_hyperparameters_match_reference(hp, sizes, seed, backend):
+def make_param(layout: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """A param of about n elements in the given memory layout (values from `gen`)."""
+    if layout == "transposed":
+        return torch.randn(n, 3, generator=gen).t()
+    if layout == "strided":
+        return torch.randn(n, 6, generator=gen)[:, ::2]
+    if layout == "channels_last":
+        return torch.randn(2, 3, n, 1, generator=gen).contiguous(memory_format=torch.channels_last)
+    return torch.randn(n, generator=gen)
+
+
+@st.composite
+def cases(draw):
+    backend = draw(st.sampled_from(BACKENDS))
+    dtype = draw(st.sampled_from(dtypes_served(backend)))
+    state_dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))  # float64 params keep float64 states
+    shapes = draw(st.lists(st.tuples(st.sampled_from(LAYOUTS), st.integers(0, 70)), min_size=1, max_size=3))
+    return backend, dtype, state_dtype, shapes, draw(HYPER), draw(st.booleans()), draw(st.booleans())
+
+
+@given(case=cases(), seed=st.integers(0, 2**16))
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_configuration_matches_the_reference(case, seed):
+    backend, dtype, state_dtype, shapes, hp, lr_tensor, grad_scale = case
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(n, generator=gen) for n in sizes]
-    ours = [p.clone().to(DEVICE) for p in params]
+    pdt = DTYPES[dtype]
+    params = [make_param(layout, n, gen).to(pdt) for layout, n in shapes]
+    ours = [torch.nn.Parameter(p.clone(memory_format=torch.preserve_format).to(DEVICE)) for p in params]
     refs = [p.clone() for p in params]
     states = [reference.new_state(p) for p in refs]
-    opt = SNRAdamW(ours, backend=backend, **hp)
-    for _ in range(3):
-        grads = [torch.randn(n, generator=gen) + 0.5 for n in sizes]
+    lr = torch.tensor(hp["lr"], device=DEVICE) if lr_tensor else hp["lr"]
+    opt = SNRAdamW(ours, backend=backend, state_dtype=state_dtype, **{**hp, "lr": lr})
+    scale = torch.tensor(256.0, device=DEVICE) if grad_scale else None
+    store = None if dtype == "fp64" else state_dtype
+    for _ in range(STEPS):
+        grads = [(torch.randn(p.shape, generator=gen) + 0.5).to(pdt) for p in params]
         for p, g in zip(ours, grads):
-            p.grad = g.to(DEVICE)
-        opt.step()
-        outs = [reference.reference_step(r, g, s, **hp) for r, g, s in zip(refs, grads, states)]
-    eps32 = torch.finfo(torch.float32).eps
+            p.grad = (g.to(DEVICE) * scale).to(pdt) if grad_scale else g.to(DEVICE)
+        opt.step(grad_scale=scale, found_inf=torch.tensor(0.0, device=DEVICE) if grad_scale else None)
+        outs = [reference.reference_step(r, g, s, **hp, state_dtype=store) for r, g, s in zip(refs, grads, states)]
+    ulp = torch.finfo(pdt).eps
     for p, r, out in zip(ours, refs, outs):
+        assert p.stride() == r.stride()  # the layout is kept
         if r.numel() == 0:
             continue
-        diff = (p.cpu().double() - r.double()).abs()
-        # 3 steps of float32 rounding; where the hard gate sits on its boundary (|m-hat^2 - alpha
-        # s-hat| within float32 rounding), float32 and float64 may take different sides
+        diff = (p.detach().cpu().double() - r.double()).abs()
+        # STEPS roundings of the compute dtype; where the hard gate sits on its boundary
+        # (|m-hat^2 - alpha s-hat| within float32 rounding) float32 and float64 may differ
         if hp["gate"] == "hard":
             tie = (out["mhat"] ** 2 - hp["alpha"] * out["shat"]).abs() <= 1e-5 * out["mhat"] ** 2
             diff = diff[~tie]
-        assert diff.numel() == 0 or diff.max() <= 3 * eps32 * r.abs().max().double() + 1e-12
+        compute_ulp = torch.finfo(torch.float64 if dtype == "fp64" else torch.float32).eps
+        tol = STEPS * max(ulp, compute_ulp) * r.double().abs().max() + 1e-12
+        assert diff.numel() == 0 or diff.max() <= tol, (diff.max(), tol)
 
 
 @given(m=st.floats(-1e3, 1e3), s=st.floats(0, 1e6), gate=st.sampled_from(["snr", "soft", "hard", "none"]),

@@ -184,7 +184,7 @@ def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hype
     lib = load_library()
     if found_inf is not None and found_inf.item() != 0:  # a CPU tensor: no device to wait for
         return torch.zeros(len(STATS), dtype=torch.float64) if hyper.track_stats else None
-    table, write_back = table_for("cpu", flat, params, grads, [flat.index[p] for p in params], CHUNK)
+    table, operands = table_for("cpu", flat, params, grads, [flat.index[p] for p in params], CHUNK)
     table.count_step(flat.steps)
     if hyper.track_stats and table.stats is None:
         table.stats = torch.zeros(table.num_blocks, len(STATS), dtype=torch.float64)
@@ -199,6 +199,5 @@ def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hype
         int(flat.dtype == torch.bfloat16), int(flat.state_dtype == torch.bfloat16),
         table.stats.data_ptr() if h.track_stats else None,
         torch.get_num_threads() if table.numel >= PARALLEL_MIN else 1)
-    for dst, src in write_back:
-        dst.copy_(src)
+    operands.write_back()
     return table.stats.sum(0) if h.track_stats else None

@@ -101,7 +101,7 @@ def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_a
     track_stats, this step's gate sums into `stats` (shape [len(STATS)]).
     `scalars` = Hyper's (beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps)."""
     flat = FlatState.find(flat_handle)  # stable for the bucket's life: no recompiles
-    table, write_back = table_for("triton", flat, params, grads, slots, BLOCK)
+    table, operands = table_for("triton", flat, params, grads, slots, BLOCK)
     dev = steps.device
     if grad_scale is not None:
         grad_scale = grad_scale.to(dev, non_blocking=True)
@@ -130,8 +130,7 @@ def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_a
         )
     if found_inf is not None:  # as torch's fused Adam: the step does not count
         steps.index_add_(0, table.slots, found_inf.to(steps.dtype).expand(len(params)), alpha=-1)
-    for dst, src in write_back:
-        dst.copy_(src)
+    operands.write_back()
     if track_stats:
         if table.num_blocks:
             torch.sum(table.stats, 0, out=stats)
