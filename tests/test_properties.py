@@ -53,7 +53,11 @@ def test_any_configuration_matches_the_reference(case, seed):
     ours = [torch.nn.Parameter(p.clone(memory_format=torch.preserve_format).to(DEVICE)) for p in params]
     refs = [p.clone() for p in params]
     states = [reference.new_state(p) for p in refs]
-    lr = torch.tensor(hp["lr"], device=DEVICE) if lr_tensor else hp["lr"]
+    if lr_tensor:  # a float32 tensor, as torch's own; the reference steps with its exact value
+        lr = torch.tensor(hp["lr"], device=DEVICE)
+        hp = {**hp, "lr": lr.item()}
+    else:
+        lr = hp["lr"]
     opt = SNRAdamW(ours, backend=backend, state_dtype=state_dtype, **{**hp, "lr": lr})
     scale = torch.tensor(256.0, device=DEVICE) if grad_scale else None
     store = None if dtype == "fp64" else state_dtype
@@ -76,6 +80,10 @@ def test_any_configuration_matches_the_reference(case, seed):
             diff = diff[~tie]
         compute_ulp = torch.finfo(torch.float64 if dtype == "fp64" else torch.float32).eps
         tol = STEPS * max(ulp, compute_ulp) * r.double().abs().max() + 1e-12
+        if state_dtype == torch.bfloat16 and dtype != "fp64":
+            # float32 and float64 math may round a state to neighbouring bf16 values (2^-8
+            # apart, relative); that moves an update of size ~lr by ~lr * 2^-8 per step
+            tol = tol + STEPS * hp["lr"] * 2.0**-6
         assert diff.numel() == 0 or diff.max() <= tol, (diff.max(), tol)
 
 
