@@ -23,6 +23,7 @@ NUMEL = tl.constexpr(contract.ROW.index("numel"))
 FIRST_BLOCK = tl.constexpr(contract.ROW.index("first_block"))
 STEP_SLOT = tl.constexpr(contract.ROW.index("step_slot"))
 RNG_SEED = tl.constexpr(contract.ROW.index("rng_seed"))
+ALIGNED = tl.constexpr(contract.ROW.index("aligned"))
 GATE_NONE = tl.constexpr(contract.GATE_IDS["none"])
 GATE_SNR = tl.constexpr(contract.GATE_IDS["snr"])
 GATE_SOFT = tl.constexpr(contract.GATE_IDS["soft"])
@@ -53,14 +54,6 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _store_as(ptr, x, mask):
-    if ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(ptr, _round_bf16(x), mask=mask)
-    else:
-        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _stochastic_round_bf16(x, seed, rand_offsets):
     """Round float32 to bfloat16 up or down with probability given by the distance (unbiased)."""
     noise = (tl.randint(seed, rand_offsets) & 0xFFFF).to(tl.int32, bitcast=True)
@@ -71,50 +64,49 @@ def _stochastic_round_bf16(x, seed, rand_offsets):
 
 
 @triton.jit
-def snr_adamw_kernel(
-    meta_ptr, block_tensor_ptr,
-    exp_avg_ptr, exp_avg_sq_ptr, exp_grad_var_ptr, step_ptr,
-    lr, lr_ptr, grad_scale_ptr, found_inf_ptr, stats_ptr,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho,
-    lb1_hi, lb1_lo, lb2_hi, lb2_lo, lrho_hi, lrho_lo,
-    eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
-    PARAM_DTYPE: tl.constexpr, GATE: tl.constexpr, MAXIMIZE: tl.constexpr,
-    LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    STOCHASTIC_ROUNDING: tl.constexpr, TRACK_STATS: tl.constexpr, BLOCK: tl.constexpr,
+def _load(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr, mask=mask)
+    else:
+        x = tl.load(ptr)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, x, mask, MASKED: tl.constexpr):
+    if ptr.dtype.element_ty == tl.bfloat16:
+        x = _round_bf16(x)
+    else:
+        x = x.to(ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(ptr, x, mask=mask)
+    else:
+        tl.store(ptr, x)
+
+
+@triton.jit
+def _step_block(
+    param_ptr, grad_ptr, m_ptr, v_ptr, s_ptr, offs, numel, t, lr, grad_scale_ptr, stats_row, seed_ptr,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho, lb1_hi, lb1_lo, lb2_hi, lb2_lo,
+    lrho_hi, lrho_lo, eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
+    GATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr, TRACK_STATS: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
-    row = meta_ptr + tensor * ROW_COLUMNS
-    param_addr = tl.load(row + PARAM_ADDR)
-    grad_addr = tl.load(row + GRAD_ADDR)
-    state_offset = tl.multiple_of(tl.load(row + STATE_OFFSET), ALIGN)
-    numel = tl.load(row + NUMEL)
-    first_block = tl.load(row + FIRST_BLOCK)
-    step_slot = tl.load(row + STEP_SLOT)
-
-    if HAS_FOUND_INF:  # GradScaler found inf/nan: read nothing, write nothing
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
-    offs = (pid - first_block) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    """BLOCK elements of one tensor: every element of theta, g, m, v, s read once, theta, m, v, s
+    written once. MASKED=False is the fast path: a full block of 16-byte-aligned tensors."""
     mask = offs < numel
-
-    param_ptr = param_addr.to(tl.pointer_type(PARAM_DTYPE)) + offs
-    grad_ptr = grad_addr.to(tl.pointer_type(PARAM_DTYPE)) + offs
-    state_idx = state_offset + offs
-    p = tl.load(param_ptr, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr, mask=mask).to(tl.float32)
-    m = tl.load(exp_avg_ptr + state_idx, mask=mask).to(tl.float32)
-    v = tl.load(exp_avg_sq_ptr + state_idx, mask=mask).to(tl.float32)
-    s = tl.load(exp_grad_var_ptr + state_idx, mask=mask).to(tl.float32)
+    p = _load(param_ptr, mask, MASKED)
+    g = _load(grad_ptr, mask, MASKED)
+    m = _load(m_ptr, mask, MASKED)
+    v = _load(v_ptr, mask, MASKED)
+    s = _load(s_ptr, mask, MASKED)
 
     if HAS_GRAD_SCALE:
         g = g / tl.load(grad_scale_ptr).to(tl.float32)
     if MAXIMIZE:
         g = -g
-    if LR_IS_TENSOR:
-        lr = tl.load(lr_ptr).to(tl.float32)
 
     # step was incremented before the launch; bias corrections are per-program scalars
-    t = tl.load(step_ptr + step_slot).to(tl.float64)
     bc1 = _one_minus_pow(lb1_hi, lb1_lo, t)
     bc2 = _one_minus_pow(lb2_hi, lb2_lo, t)
     bc3 = _one_minus_pow(lrho_hi, lrho_lo, t)
@@ -145,18 +137,72 @@ def snr_adamw_kernel(
 
     if STOCHASTIC_ROUNDING:
         # the param's own stream (its seed), varied by element and step
-        seed = tl.load(row + RNG_SEED)
-        tl.store(param_ptr, _stochastic_round_bf16(p, seed, offs + (t.to(tl.int64) << 40)), mask=mask)
+        rounded = _stochastic_round_bf16(p, tl.load(seed_ptr), offs + (t.to(tl.int64) << 40))
+        if MASKED:
+            tl.store(param_ptr, rounded, mask=mask)
+        else:
+            tl.store(param_ptr, rounded)
     else:
-        _store_as(param_ptr, p, mask)
-    _store_as(exp_avg_ptr + state_idx, m, mask)
-    _store_as(exp_avg_sq_ptr + state_idx, v, mask)
-    _store_as(exp_grad_var_ptr + state_idx, s, mask)
+        _store(param_ptr, p, mask, MASKED)
+    _store(m_ptr, m, mask, MASKED)
+    _store(v_ptr, v, mask, MASKED)
+    _store(s_ptr, s, mask, MASKED)
 
     if TRACK_STATS:  # partial sums per program, reduced on the device when stats() is read
         zero = tl.zeros([BLOCK], tl.float32)
-        stats_row = stats_ptr + pid * STAT_COLUMNS
         tl.store(stats_row + SUM_Q, tl.sum(tl.where(mask, q, zero)))
         tl.store(stats_row + COUNT_ABOVE, tl.sum(tl.where(mask & (signal > noise), 1.0, zero)))
         tl.store(stats_row + SUM_SIGNAL, tl.sum(tl.where(mask, signal, zero)))
         tl.store(stats_row + SUM_NOISE, tl.sum(tl.where(mask, noise, zero)))
+
+
+@triton.jit
+def snr_adamw_kernel(
+    meta_ptr, block_tensor_ptr,
+    exp_avg_ptr, exp_avg_sq_ptr, exp_grad_var_ptr, step_ptr,
+    lr, lr_ptr, grad_scale_ptr, found_inf_ptr, stats_ptr,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho,
+    lb1_hi, lb1_lo, lb2_hi, lb2_lo, lrho_hi, lrho_lo,
+    eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
+    PARAM_DTYPE: tl.constexpr, GATE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr, TRACK_STATS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
+    row = meta_ptr + tensor * ROW_COLUMNS
+    param_addr = tl.load(row + PARAM_ADDR)
+    grad_addr = tl.load(row + GRAD_ADDR)
+    state_offset = tl.multiple_of(tl.load(row + STATE_OFFSET), ALIGN)
+    numel = tl.load(row + NUMEL)
+    start = tl.multiple_of((pid - tl.load(row + FIRST_BLOCK)) * BLOCK, BLOCK)
+    aligned = tl.load(row + ALIGNED)
+    # step was incremented before the launch
+    t = tl.load(step_ptr + tl.load(row + STEP_SLOT)).to(tl.float64)
+    if LR_IS_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+
+    if HAS_FOUND_INF:  # GradScaler found inf/nan: every block masked off, nothing read or written
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    state_idx = state_offset + offs
+    param_base = param_addr.to(tl.pointer_type(PARAM_DTYPE))
+    grad_base = grad_addr.to(tl.pointer_type(PARAM_DTYPE))
+    stats_row = stats_ptr + pid * STAT_COLUMNS
+    if (aligned != 0) & (start + BLOCK <= numel):
+        # the hot path: whole blocks of 16-byte-aligned tensors, unmasked, full-width accesses
+        _step_block(
+            tl.multiple_of(param_base, 16) + offs, tl.multiple_of(grad_base, 16) + offs,
+            exp_avg_ptr + state_idx, exp_avg_sq_ptr + state_idx, exp_grad_var_ptr + state_idx, offs, numel,
+            t, lr, grad_scale_ptr, stats_row, row + RNG_SEED,
+            beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho, lb1_hi, lb1_lo, lb2_hi,
+            lb2_lo, lrho_hi, lrho_lo, eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
+            GATE, MAXIMIZE, HAS_GRAD_SCALE, STOCHASTIC_ROUNDING, TRACK_STATS, BLOCK, False)
+    else:  # a tensor's last block, or an unaligned tensor (an odd view)
+        _step_block(
+            param_base + offs, grad_base + offs,
+            exp_avg_ptr + state_idx, exp_avg_sq_ptr + state_idx, exp_grad_var_ptr + state_idx, offs, numel,
+            t, lr, grad_scale_ptr, stats_row, row + RNG_SEED,
+            beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho, lb1_hi, lb1_lo, lb2_hi,
+            lb2_lo, lrho_hi, lrho_lo, eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
+            GATE, MAXIMIZE, HAS_GRAD_SCALE, STOCHASTIC_ROUNDING, TRACK_STATS, BLOCK, True)

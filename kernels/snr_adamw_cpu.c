@@ -180,7 +180,7 @@ int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nch
  * below: the host checks it on load, so a stale or mismatched build is never used. */
 int64_t snr_adamw_contract(int64_t *out) {
     const int64_t values[] = {GATE_NONE, GATE_SNR, GATE_SOFT, GATE_HARD, ROW_PARAM_ADDR, ROW_GRAD_ADDR,
-                              ROW_STATE_OFFSET, ROW_NUMEL, ROW_FIRST_BLOCK, ROW_STEP_SLOT, ROW_RNG_SEED,
+                              ROW_STATE_OFFSET, ROW_NUMEL, ROW_FIRST_BLOCK, ROW_STEP_SLOT, ROW_RNG_SEED, ROW_ALIGNED,
                               STAT_SUM_Q, STAT_COUNT_ABOVE, STAT_SUM_SIGNAL, STAT_SUM_NOISE, ROW_COLUMNS,
                               STAT_COLUMNS, ALIGN};
     const int64_t n = (int64_t)(sizeof values / sizeof values[0]);

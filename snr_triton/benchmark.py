@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,7 +24,46 @@ import torch
 from .optimizer import SNRAdamW
 
 CPU_SIZES = (1 << 20, 16 << 20, 64 << 20)
-GPU_SIZES = (1 << 20, 16 << 20, 64 << 20, 256 << 20, 1 << 30)
+GPU_SIZES = (16 << 20, 64 << 20, 256 << 20, 1 << 30)
+EAGER_MAX = 64 << 20  # the eager path's temporaries and time make larger cells pointless
+
+
+def format_size(numel: int) -> str:
+    """256K, 16M, 1G: binary prefixes, as the sizes are chosen."""
+    for shift, unit in ((30, "G"), (20, "M"), (10, "K")):
+        if numel >= 1 << shift:
+            value = numel / (1 << shift)
+            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.1f}{unit}"
+    return str(numel)
+
+
+def parse_size(text: str) -> int:
+    """'256K', '16M', '1G', or a plain number of params (argparse type: bad input exits 2)."""
+    import argparse
+
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256K, 16M, 1G or 1048576)") from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"a size must be a whole number of params >= 1, got {text!r}")
+    return int(value)
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The last-level cache: a working set below it is measured from cache, not memory."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+    try:
+        sizes = []
+        for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+            text = (index / "size").read_text().strip()
+            sizes.append(int(text[:-1]) * 1024 if text.endswith("K") else int(text))
+        return max(sizes)
+    except (OSError, ValueError):
+        return 0
 
 
 @dataclass
@@ -36,7 +76,9 @@ class Row:
     bytes_per_step: int
     gbps: float
     ratio: float
+    copy_gbps: float  # a copy moving as many bytes as SNRAdamW's fp32 step, measured in the same run
     roofline_pct: float
+    in_cache: bool  # the optimizer's working set fits the last-level cache
 
 
 def _bytes(impl: str, numel: int, dtype: torch.dtype) -> int:
@@ -70,7 +112,7 @@ class _Timer:
         return out
 
 
-def copy_bandwidth(device: torch.device, numel: int = 64 << 20, reps: int = 10) -> float:
+def copy_bandwidth(device: torch.device, numel: int, reps: int = 10) -> float:
     """GB/s of the best of a copy and an in-place scale (each element read and written once):
     the roofline. In place matters on CPUs, where a copy's destination is also read (write
     allocate) while an optimizer's in-place updates are not."""
@@ -81,7 +123,7 @@ def copy_bandwidth(device: torch.device, numel: int = 64 << 20, reps: int = 10) 
     return 2 * x.numel() * 4 / best / 1e9
 
 
-def _implementations(device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
+def _implementations(device: torch.device, dtype: torch.dtype, numel: int = 0) -> dict[str, Callable]:
     impls: dict[str, Callable] = {
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
         "AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
@@ -92,7 +134,8 @@ def _implementations(device: torch.device, dtype: torch.dtype) -> dict[str, Call
         impls[f"SNRAdamW {fused}"] = lambda ps: SNRAdamW(ps, backend=fused)
         impls[f"SNRAdamW {fused} bf16 state"] = lambda ps: SNRAdamW(ps, backend=fused,
                                                                     state_dtype=torch.bfloat16)
-    impls["SNRAdamW eager"] = lambda ps: SNRAdamW(ps, backend="eager")
+    if numel <= EAGER_MAX:
+        impls["SNRAdamW eager"] = lambda ps: SNRAdamW(ps, backend="eager")
     return impls
 
 
@@ -123,10 +166,10 @@ def _proc_status(key: str) -> int:
     raise OSError(key)
 
 
-def bench_size(device: torch.device, numel: int, dtype: torch.dtype, steps: int, roofline: float,
+def bench_size(device: torch.device, numel: int, dtype: torch.dtype, steps: int,
                rounds: int = 4) -> tuple[list[Row], dict[str, float]]:
     gen = torch.Generator().manual_seed(0)
-    impls = _implementations(device, dtype)
+    impls = _implementations(device, dtype, numel)
     runs = {}
     for name, make in impls.items():
         p = torch.nn.Parameter(torch.randn(numel, generator=gen).to(device=device, dtype=dtype))
@@ -140,8 +183,10 @@ def bench_size(device: torch.device, numel: int, dtype: torch.dtype, steps: int,
     for _ in range(rounds):  # round robin, so drifts in machine load hit every implementation alike
         for name, opt in runs.items():
             samples[name] += timer(opt.step, per_round)
-    peak = {name: _peak_extra(device, opt.step) for name, opt in runs.items()}
+    peak = {name: max(0.0, _peak_extra(device, opt.step)) for name, opt in runs.items()}
     del runs
+    copy = copy_bandwidth(device, 36 * numel // 8)  # moves the bytes of an fp32 SNRAdamW step
+    in_cache = 36 * numel < cache_bytes(device)
     base = statistics.median(samples["AdamW fused"])
     rows = []
     for name, s in samples.items():
@@ -149,14 +194,14 @@ def bench_size(device: torch.device, numel: int, dtype: torch.dtype, steps: int,
         nbytes = _bytes(name, numel, dtype)
         gbps = nbytes / t / 1e9
         rows.append(Row(device.type, numel, str(dtype).replace("torch.", ""), name, t * 1e3, nbytes, gbps,
-                        t / base, 100 * gbps / roofline))
+                        t / base, copy, 100 * gbps / copy, in_cache))
     return rows, peak
 
 
 def host_overhead(device: torch.device, tensors: int = 1000, steps: int = 20) -> dict[str, float]:
     """Milliseconds per step for `tensors` tiny tensors: all host work, no bandwidth."""
     out = {}
-    for name, make in _implementations(device, torch.float32).items():
+    for name, make in _implementations(device, torch.float32, 0).items():
         if "bf16 state" in name:
             continue
         ps = [torch.nn.Parameter(torch.randn(8, device=device)) for _ in range(tensors)]
@@ -172,7 +217,7 @@ def first_step_seconds() -> dict[str, float]:
     """Time of the first step in a fresh process: the CPU kernel cold (compiled into an empty
     cache) and warm (cached library), for 1M params."""
     code = ("import time,torch;from snr_triton import SNRAdamW;p=torch.nn.Parameter(torch.randn(1<<20));"
-            "p.grad=torch.randn(1<<20);o=SNRAdamW([p]);t=time.perf_counter();o.step();"
+            "p.grad=torch.randn(1<<20);t=time.perf_counter();o=SNRAdamW([p]);o.step();"
             "print(time.perf_counter()-t)")
     out = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -185,30 +230,32 @@ def first_step_seconds() -> dict[str, float]:
 
 def run(devices: list[str], sizes: list[int] | None, steps: int, dtypes: list[str],
         json_path: str | None) -> int:
+    from tqdm import tqdm
+
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "devices": {}}
     for dev_name in devices:
         device = torch.device(dev_name)
-        roofline = copy_bandwidth(device)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-        print(f"\n## {device.type}: {name}; copy bandwidth (roofline) {roofline:.1f} GB/s; "
-              f"{torch.get_num_threads()} threads; median of {steps} steps per cell\n")
+        print(f"\n## {device.type}: {name}; {torch.get_num_threads()} threads; median of {steps} steps per "
+              f"cell; copy = GB/s of a copy moving the bytes of an fp32 SNRAdamW step, measured beside it\n", flush=True)
         header = ["params", "dtype", "implementation", "ms/step", "bytes/step", "GB/s", "x fused AdamW",
-                  "% roofline", "peak extra MB"]
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
+                  "copy GB/s", "% of copy", "peak extra MB"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         rows_all = []
-        for numel in sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES):
-            for dt in dtypes:
-                rows, peak = bench_size(device, numel, getattr(torch, dt), steps, roofline)
-                for r in rows:
-                    print(f"| {r.numel / 2**20:.0f}M | {r.dtype} | {r.impl} | {r.ms:.3f} | "
-                          f"{r.bytes_per_step / 1e6:.0f} MB | {r.gbps:.1f} | {r.ratio:.2f} | "
-                          f"{r.roofline_pct:.0f}% | {peak[r.impl] / 2**20:.1f} |")
-                    rows_all.append({**asdict(r), "peak_extra_bytes": peak[r.impl]})
+        cells = [(n, dt) for n in (sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)) for dt in dtypes]
+        for numel, dt in tqdm(cells, desc=f"bench {device.type}", unit="cell", leave=False):
+            rows, peak = bench_size(device, numel, getattr(torch, dt), steps)
+            for r in rows:
+                size = format_size(r.numel) + (" (in cache)" if r.in_cache else "")
+                lines.append(f"| {size} | {r.dtype} | {r.impl} | {r.ms:.3f} | {r.bytes_per_step / 1e6:.0f} MB | "
+                             f"{r.gbps:.1f} | {r.ratio:.2f} | {r.copy_gbps:.1f} | {r.roofline_pct:.0f}% | "
+                             f"{peak[r.impl] / 2**20:.1f} |")
+                rows_all.append({**asdict(r), "peak_extra_bytes": peak[r.impl]})
+        print("\n".join(lines), flush=True)
         overhead = host_overhead(device)
-        print(f"\nHost overhead, 1000 tensors of 8 elements, ms/step: "
+        print("\nHost overhead, 1000 tensors of 8 elements, ms/step: "
               + ", ".join(f"{k} {v:.2f}" for k, v in overhead.items()))
-        entry = {"name": name, "roofline_gbps": roofline, "rows": rows_all, "host_overhead_ms": overhead}
+        entry = {"name": name, "rows": rows_all, "host_overhead_ms": overhead}
         if device.type == "cpu":
             first = first_step_seconds()
             print("First step, 1M params, fresh process (SNRAdamW cpu kernel), s: "

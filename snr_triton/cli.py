@@ -1,5 +1,6 @@
 """The `snr-triton` command: `demo` grokking with AdamW and SNRAdamW side by side; `check` every
-backend here against the float64 reference; `bench` step times against torch.optim.AdamW."""
+backend here against the float64 reference; `bench` step times against torch.optim.AdamW;
+`codegen` the Triton kernel's GPU machine code, compiled here."""
 
 from __future__ import annotations
 
@@ -68,8 +69,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .benchmark import run
 
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    sizes = [int(float(s) * 2**20) for s in args.sizes] if args.sizes else None
-    return run(devices, sizes, args.steps, args.dtype, args.json)
+    return run(devices, args.sizes, args.steps, args.dtype, args.json)
+
+
+def cmd_codegen(args: argparse.Namespace) -> int:
+    import warnings
+
+    from . import codegen
+    from .backend.triton import BLOCK, NUM_WARPS
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("snr-triton codegen needs Triton: pip install triton", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    reports = codegen.run(args.arch, args.out, args.variants, progress=sys.stderr.isatty())
+    if args.json:
+        import json
+        from dataclasses import asdict
+
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in reports], f, indent=1)
+    header = ("variant", "sm", "regs", "spill B", "128-bit ld", "narrow ld", "128-bit st", "narrow st",
+              "SASS/elem")
+    rows = [(r.variant, r.arch, r.registers, r.spills, r.loads_128, r.loads_narrow, r.stores_128,
+             r.stores_narrow, f"{r.sass_per_element:.2f}") for r in reports]
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    spills = sum(r.spills > 0 for r in reports)
+    print(f"\n{len(reports)} compiled (BLOCK {BLOCK}, {NUM_WARPS} warps): {spills} with spills; registers "
+          f"{min(r.registers for r in reports)}-{max(r.registers for r in reports)}. 128-bit counts are per "
+          f"thread, the unmasked fast path; narrow ones are the masked tail path and table reads."
+          + (f" PTX and SASS in {args.out}/" if args.out else ""))
+    return 1 if spills else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -129,7 +163,18 @@ def _plot_demo(result: dict, path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .benchmark import parse_size
     parser = argparse.ArgumentParser(prog="snr-triton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="every backend here against the float64 reference")
@@ -138,11 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     check.set_defaults(func=cmd_check)
     bench = sub.add_parser("bench", help="step time and bandwidth against torch AdamW, one table per device")
     bench.add_argument("--device", action="append", choices=["cpu", "cuda"], help="default: every device here")
-    bench.add_argument("--sizes", nargs="+", help="params per tensor, in Mi (default CPU 1 16 64; GPU 1..1024)")
+    bench.add_argument("--sizes", nargs="+", type=parse_size, metavar="SIZE",
+                       help="params per tensor, e.g. 256K 16M 1G (default CPU 1M 16M 64M; GPU 16M 64M 256M 1G)")
     bench.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
-    bench.add_argument("--steps", type=int, default=20, help="timed steps per implementation (default 20)")
+    bench.add_argument("--steps", type=positive_int, default=20, help="timed steps per implementation (default 20)")
     bench.add_argument("--json", help="also write the results here (bench/plot.py draws them)")
     bench.set_defaults(func=cmd_bench)
+    codegen = sub.add_parser("codegen", help="the Triton kernel's machine code for real GPUs, compiled here "
+                             "(no GPU needed): registers, spills, access widths")
+    codegen.add_argument("--arch", type=int, nargs="+", default=[80, 90],
+                         help="CUDA compute capabilities (default: 80 90)")
+    codegen.add_argument("--out", help="write each variant's PTX and SASS into this folder")
+    codegen.add_argument("--variants", choices=["paths", "each", "all"], default="each",
+                         help="paths: each dtype pair x gate, plain and with every option on; each (default): "
+                              "also each option alone; all: every combination (1,280 per arch)")
+    codegen.add_argument("--json", help="also write the table here")
+    codegen.set_defaults(func=cmd_codegen)
     demo = sub.add_parser("demo", help="grokking a/b mod 97: AdamW and SNRAdamW side by side (<= 5 min)")
     demo.add_argument("--steps", type=int, default=40000, help="at most this many steps (default 40000)")
     demo.add_argument("--time-budget", type=float, default=270.0, help="stop after this many seconds (270)")

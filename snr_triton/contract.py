@@ -19,7 +19,9 @@ ALIGN = 16
 
 # The address table (snr_triton/tables.py), read by both fused kernels: one int64 row per active
 # tensor, and an int32 block table giving the tensor (row) of each block of BLOCK elements.
-ROW = ("param_addr", "grad_addr", "state_offset", "numel", "first_block", "step_slot", "rng_seed")
+# `aligned` is 1 when param and grad start on 16 bytes: their full blocks take the unmasked,
+# full-width path.
+ROW = ("param_addr", "grad_addr", "state_offset", "numel", "first_block", "step_slot", "rng_seed", "aligned")
 
 # Partial sums of the gate statistics, one row per program / chunk, in this column order.
 STATS = ("sum_q", "count_above", "sum_signal", "sum_noise")

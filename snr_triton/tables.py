@@ -47,8 +47,9 @@ class AddressTable:
                  slots: list[int], block: int):
         rows, block_tensor = [], []
         for j, (p, g, slot) in enumerate(zip(params, grads, slots)):
+            aligned = p.data_ptr() % 16 == 0 and g.data_ptr() % 16 == 0
             rows.append([p.data_ptr(), g.data_ptr(), flat.offsets[slot], p.numel(), len(block_tensor), slot,
-                         flat.seeds[slot]])
+                         flat.seeds[slot], int(aligned)])
             block_tensor.extend([j] * -(-p.numel() // block))
         self.key = key
         self.block = block

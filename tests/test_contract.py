@@ -20,7 +20,8 @@ def test_triton_kernel_constants_are_the_contract():
     for name, i in contract.GATE_IDS.items():
         assert getattr(km, f"GATE_{name.upper()}").value == i
     columns = {"PARAM_ADDR": "param_addr", "GRAD_ADDR": "grad_addr", "STATE_OFFSET": "state_offset",
-               "NUMEL": "numel", "FIRST_BLOCK": "first_block", "STEP_SLOT": "step_slot", "RNG_SEED": "rng_seed"}
+               "NUMEL": "numel", "FIRST_BLOCK": "first_block", "STEP_SLOT": "step_slot", "RNG_SEED": "rng_seed",
+               "ALIGNED": "aligned"}
     for const, column in columns.items():
         assert getattr(km, const).value == contract.ROW.index(column)
     assert km.ROW_COLUMNS.value == len(contract.ROW) and km.STAT_COLUMNS.value == len(contract.STATS)

@@ -60,3 +60,26 @@ def test_more_than_2_pow_31_elements():
     for lo, hi in ((0, 4), ((1 << 31) - 2, (1 << 31) + 2), (n - 4, n)):
         assert torch.all(p.detach()[lo:hi] == expected), (lo, hi)
     assert torch.all(opt.state[p]["exp_avg"][-4:] == torch.tensor(0.1, dtype=torch.bfloat16, device="cuda"))
+
+
+def test_torch_compile_of_a_full_training_step():
+    """Forward, backward and SNRAdamW.step in one compiled function equal the same step eager."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).cuda()
+    twin = copy.deepcopy(model)
+    opts = [SNRAdamW(m.parameters(), lr=torch.tensor(1e-3, device="cuda"), backend="triton") for m in (model, twin)]
+    data = [(torch.randn(32, 64, device="cuda"), torch.randn(32, 8, device="cuda")) for _ in range(5)]
+
+    def train_step(m, opt, x, y):
+        loss = torch.nn.functional.mse_loss(m(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss
+
+    compiled = torch.compile(train_step)
+    for x, y in data:
+        compiled(model, opts[0], x, y)
+        train_step(twin, opts[1], x, y)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

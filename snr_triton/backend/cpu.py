@@ -36,7 +36,7 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared
           "-std=c11"]
 # The order in which snr_adamw_contract() reports the defines it was compiled with.
 _CONTRACT_ORDER = ("GATE_NONE", "GATE_SNR", "GATE_SOFT", "GATE_HARD", "ROW_PARAM_ADDR", "ROW_GRAD_ADDR",
-                   "ROW_STATE_OFFSET", "ROW_NUMEL", "ROW_FIRST_BLOCK", "ROW_STEP_SLOT", "ROW_RNG_SEED",
+                   "ROW_STATE_OFFSET", "ROW_NUMEL", "ROW_FIRST_BLOCK", "ROW_STEP_SLOT", "ROW_RNG_SEED", "ROW_ALIGNED",
                    "STAT_SUM_Q", "STAT_COUNT_ABOVE", "STAT_SUM_SIGNAL", "STAT_SUM_NOISE", "ROW_COLUMNS",
                    "STAT_COLUMNS", "ALIGN")
 
