@@ -96,3 +96,46 @@ def test_finite_alpha():
             finite_alpha(b, n)
     with pytest.raises(ValueError, match="batch_size must be an int"):
         finite_alpha(2.5, 10)
+
+
+def _trained_opt(backend="eager"):
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = SNRAdamW([{"params": params[:1]}, {"params": params[1:], "lr": 1e-2}], backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return params, opt
+
+
+def _corrupt(kind, sd):
+    sd = copy.deepcopy(sd)
+    if kind == "wrong shape":
+        sd["state"][0]["exp_avg"] = torch.zeros(3, 4)
+    elif kind == "missing key":
+        del sd["state"][1]["exp_avg_sq"]
+    elif kind == "wrong group count":
+        sd["param_groups"] = sd["param_groups"][:1]
+    elif kind == "wrong group size":
+        sd["param_groups"][1]["params"] = sd["param_groups"][1]["params"] + [7]
+    return sd
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,pattern", [
+    ("wrong shape", r"state 'exp_avg' of param 0 has shape \(3, 4\), its param \(4, 3\)"),
+    ("missing key", "the state of param 1 lacks exp_avg_sq"),
+    ("wrong group count", "the state dict has 1 param groups, this optimizer 2"),
+    ("wrong group size", "param group 1 of the state dict has 2 params, this optimizer's 1"),
+])
+def test_load_state_dict_refuses_a_mismatched_checkpoint_and_keeps_state(backend, kind, pattern):
+    params, opt = _trained_opt("eager")
+    sd = _corrupt(kind, opt.state_dict())
+    _, target = _trained_opt(backend)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=pattern):
+        target.load_state_dict(sd)
+    after = target.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, st in before["state"].items():
+        for key, value in st.items():
+            assert torch.equal(after["state"][i][key], value), (i, key)

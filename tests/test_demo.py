@@ -1,4 +1,4 @@
-"""The grokking task generator and `snr-triton demo --quick` end to end."""
+"""The demo tasks (noisy-photo INR, grokking) and `snr-triton demo --quick` end to end."""
 
 import json
 
@@ -27,14 +27,44 @@ def test_division_dataset():
     assert len(pairs) == 97 * 96  # disjoint and complete
 
 
-def test_demo_quick(tmp_path, capsys):
+def test_photo_ships_with_matplotlib():
+    pytest.importorskip("matplotlib")
+    from snr_triton.inr import photo
+
+    img = photo(64)
+    assert img.shape == (64, 64) and 0 <= img.min() < 0.2 and 0.8 < img.max() <= 1  # a real photo's range
+
+
+def test_demo_inr_quick(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert result["config"]["steps"] == 300 and set(result["final"]) == {"AdamW", "SNRAdamW"}
+    curves = result["curves"]
+    assert curves["AdamW"]["steps"][-1] == 300 and len(curves["SNRAdamW"]["gate"]) == 6
+    # both learn the photo: well above a constant-grey guess, and the noisy targets are ~20.8 dB
+    assert all(c["psnr_clean"][-1] > 15 for c in curves.values())
+    out = capsys.readouterr().out
+    assert "paper: SNR gating memorizes less" in out and "measured here" in out
+
+
+def test_demo_grokking_quick(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    assert main(["demo", "grokking", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "demo.json").read_text())
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert result["steps_run"] == 300 and set(result["to_95"]) == {"AdamW", "SNRAdamW"}
     gate = result["curves"]["SNRAdamW"]["gate"]
     assert len(gate) == 6 and all(0 <= q <= 1 and 0 <= f <= 1 for q, f in gate)
     out = capsys.readouterr().out
-    assert "steps to 50% held-out" in out and "AdamW" in out
+    assert "steps to 50% held-out" in out and "paper: about 5x faster grokking" in out
+
+
+def test_demo_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: inr)" in out and "(default: snr-demo)" in out
