@@ -91,15 +91,17 @@ def cmd_codegen(args: argparse.Namespace) -> int:
 
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in reports], f, indent=1)
-    header = ("variant", "sm", "regs", "spill B", "128-bit ld", "narrow ld", "128-bit st", "narrow st",
+    header = ("variant", "sm", "regs", "spill B", "stack B", "128-bit ld", "narrow ld", "128-bit st", "narrow st",
               "SASS/elem")
-    rows = [(r.variant, r.arch, r.registers, r.spills, r.loads_128, r.loads_narrow, r.stores_128,
+    rows = [(r.variant, r.arch, r.registers, r.spills, r.stack, r.loads_128, r.loads_narrow, r.stores_128,
              r.stores_narrow, f"{r.sass_per_element:.2f}") for r in reports]
     widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
     spills = sum(r.spills > 0 for r in reports)
-    print(f"\n{len(reports)} compiled (BLOCK {BLOCK}, {NUM_WARPS} warps): {spills} with spills; registers "
+    stacks = sum(r.stack > 0 for r in reports)
+    print(f"\n{len(reports)} compiled (BLOCK {BLOCK}, {NUM_WARPS} warps): {spills} with spills, {stacks} with a "
+          f"call stack (the IEEE sqrt slow path out of line); registers "
           f"{min(r.registers for r in reports)}-{max(r.registers for r in reports)}. 128-bit counts are per "
           f"thread, the unmasked fast path; narrow ones are the masked tail path and table reads."
           + (f" PTX and SASS in {args.out}/" if args.out else ""))

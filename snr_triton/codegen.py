@@ -152,7 +152,8 @@ class Report:
     variant: str
     arch: int
     registers: int
-    spills: int
+    spills: int  # local memory bytes per thread
+    stack: int  # call-frame bytes per thread (sqrt slow path kept out of line)
     loads_128: int
     loads_narrow: int
     stores_128: int
@@ -184,13 +185,12 @@ def _cuda_tool(name: str, cubin: bytes, *flags: str) -> str:
         return subprocess.run([str(tool), *flags, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def resources(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, bytes of local memory per thread: spills) from cuobjdump."""
+def resources(cubin: bytes) -> tuple[int, int, int]:
+    """(registers per thread, local memory bytes (register spills), call-stack bytes) from cuobjdump.
+    A stack appears when ptxas keeps a subroutine call (the IEEE sqrt's slow path for denormal and
+    special inputs) out of line; it is not register pressure."""
     usage = _cuda_tool("cuobjdump", cubin, "-res-usage")
-    regs = re.search(r"REG:(\d+)", usage)
-    local = re.search(r"LOCAL:(\d+)", usage)
-    stack = re.search(r"STACK:(\d+)", usage)
-    return int(regs.group(1)), int(local.group(1)) + int(stack.group(1))
+    return tuple(int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "LOCAL", "STACK"))
 
 
 def expected_wide_accesses(variant: Variant, block: int, num_warps: int) -> tuple[int, int]:
@@ -215,13 +215,13 @@ def compile_variant(fn, variant: Variant, arch: int, out: Path | None = None) ->
                             options=options)
     ptx = kernel.asm["ptx"]
     sass = _cuda_tool("nvdisasm", kernel.asm["cubin"], "-c")
-    registers, spills = resources(kernel.asm["cubin"])
+    registers, spills, stack = resources(kernel.asm["cubin"])
     instructions = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/\s+\S", line))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{variant.name}.sm{arch}.ptx").write_text(ptx)
         (out / f"{variant.name}.sm{arch}.sass").write_text(sass)
-    return Report(variant.name, arch, registers, spills, **access_widths(ptx),
+    return Report(variant.name, arch, registers, spills, stack, **access_widths(ptx),
                   sass_per_element=instructions / kwargs["BLOCK"])
 
 

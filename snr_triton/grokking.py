@@ -43,6 +43,73 @@ class DivisionMLP(torch.nn.Module):
         return self.mlp(self.embed(x).flatten(1))
 
 
+class GrokkingTransformer(torch.nn.Module):
+    """The standard grokking model: a decoder-only transformer over the tokens [a, b, =]
+    (2 layers, 4 heads), read out at '='."""
+
+    def __init__(self, p: int = 97, dim: int = 64, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.tokens = torch.nn.Embedding(p + 1, dim)  # p is the '=' token
+        self.positions = torch.nn.Parameter(torch.randn(3, dim) * 0.02)
+        layer = torch.nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.out = torch.nn.Linear(dim, p)
+        self.register_buffer("causal", torch.nn.Transformer.generate_square_subsequent_mask(3))
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eq = torch.full((x.shape[0], 1), self.p, dtype=x.dtype, device=x.device)
+        h = self.tokens(torch.cat([x, eq], 1)) + self.positions
+        h = self.blocks(h, mask=self.causal, is_causal=True)
+        return self.out(self.norm(h[:, -1]))
+
+
+MODELS = {"mlp": DivisionMLP, "transformer": GrokkingTransformer}
+
+
+def train_one(optimizer: str, *, model: str = "mlp", p: int = 97, train_fraction: float = 0.25,
+              steps: int = 40000, lr: float = 3e-3, weight_decay: float = 1.0, batch_size: int = 512,
+              seed: int = 0, eval_every: int = 100, gate: str = "snr", alpha: float | None = None) -> dict:
+    """One optimizer ("AdamW" or "SNRAdamW") on the task; the same data, init and batches as any
+    other run with this seed. Stops at 95% held-out accuracy, at `steps`, or when the loss is not
+    finite (reported as diverged)."""
+    from .hyperparams import finite_alpha
+    from .optimizer import SNRAdamW
+
+    (xt, yt), (xv, yv) = division_dataset(p, train_fraction, seed)
+    torch.manual_seed(seed)
+    net = MODELS[model](p)
+    betas = (0.9, 0.98)
+    if optimizer == "AdamW":
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+    else:
+        alpha = finite_alpha(batch_size, len(xt)) if alpha is None else alpha
+        opt = SNRAdamW(net.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, gate=gate, alpha=alpha)
+    gen = torch.Generator().manual_seed(seed + 1)
+    curve = Curve([], [], [], [])
+    diverged = False
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(xt), (batch_size,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
+        if not torch.isfinite(loss):
+            diverged = True
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0:
+            curve.steps.append(step)
+            curve.train_acc.append(accuracy(net, xt, yt))
+            curve.test_acc.append(accuracy(net, xv, yv))
+            if curve.test_acc[-1] >= 0.95:
+                break
+    return {"optimizer": optimizer, "model": model, "lr": lr, "gate": gate if optimizer != "AdamW" else None,
+            "alpha": alpha if optimizer != "AdamW" else None, "seed": seed, "diverged": diverged,
+            "to_50": first_step_at(curve, 0.5), "to_95": first_step_at(curve, 0.95),
+            "final_test_acc": curve.test_acc[-1] if curve.test_acc else None}
+
+
 @dataclass
 class Curve:
     steps: list

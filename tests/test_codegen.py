@@ -45,8 +45,11 @@ def test_every_code_path_compiles_for_every_arch(reports):
     assert sorted((r["variant"], r["arch"]) for r in reports) == sorted((v, a) for v in VARIANTS for a in ARCHS)
 
 
-def test_no_local_memory(reports):
+def test_no_register_spills(reports):
+    """No local memory for spills. (ptxas may keep the IEEE sqrt's slow path, taken only for
+    denormal and special inputs, as an out-of-line call with an 8-byte frame: reported as stack.)"""
     assert [r for r in reports if r["spills"]] == []
+    assert all(r["stack"] <= 8 for r in reports)
 
 
 def test_hot_path_is_full_width_on_every_stream(reports):
