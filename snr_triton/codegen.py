@@ -107,8 +107,6 @@ def capture_launch(variant: Variant) -> tuple[tuple, dict]:
 
 def _compiled_kernel():
     """The kernel as a JITFunction (the interpreter, if switched on, would hand us another kind)."""
-    from .backend.triton import _load_from_source_tree  # noqa: F401  (keeps one way to find the file)
-
     path = Path(__file__).resolve().parent / "kernels" / "snr_adamw.py"
     if not path.exists():
         path = Path(__file__).resolve().parents[1] / "kernels" / "snr_adamw.py"

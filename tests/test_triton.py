@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from conftest import BACKENDS, DEVICE, TRITON
+from conftest import DEVICE, TRITON
 from snr_triton import SNRAdamW, reference
 from snr_triton.check import Case, hyper, make_problem, passes, run_case
 from snr_triton.hyperparams import DEFAULTS
