@@ -122,7 +122,9 @@ class SNRAdamW(Optimizer):
     # ----------------------------------------------------------------- state
     def _reset_caches(self) -> None:
         self._flat: dict[tuple, FlatState] = {}
-        self._stats: list[tuple | None] = []  # per group: (elements, device sums, found_inf)
+        # the last step's gate statistics: (group index, params, numels, device sums per param)
+        self._stats: list[tuple] = []
+        self._stats_found_inf: Tensor | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -253,40 +255,51 @@ class SNRAdamW(Optimizer):
         return plan
 
     def _run(self, plan: list[Bucket], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        self._stats = [None] * len(self.param_groups)
+        self._stats, self._stats_found_inf = [], found_inf
         for bucket in plan:
             flat = self._flat_state(bucket)
             sums = bucket.backend.step(flat, bucket.params, [p.grad for p in bucket.params], bucket.hyper,
                                        grad_scale=grad_scale, found_inf=found_inf)
-            if sums is not None:
-                count = sum(flat.numels[flat.index[p]] for p in bucket.params)
-                prev = self._stats[bucket.group_index]
-                self._stats[bucket.group_index] = (count, sums, found_inf) if prev is None else (
-                    prev[0] + count, prev[1] + sums.to(prev[1].device), found_inf)
+            if sums is not None:  # kept on the device; read only by stats()
+                numels = [flat.numels[flat.index[p]] for p in bucket.params]
+                self._stats.append((bucket.group_index, bucket.params, numels, sums))
 
     # ----------------------------------------------------------------- monitor
-    def stats(self) -> dict[str, Any]:
+    def stats(self, per_param: bool = False) -> dict[str, Any]:
         """Gate statistics of the last step over all stepped elements (needs track_stats=True).
 
         mean_gate: mean of q; frac_above: fraction with m-hat^2 > alpha*s-hat;
         signal: sum of m-hat^2; noise: sum of alpha*s-hat; groups: the same per param group.
-        Reading synchronizes with the device once; the step itself never does.
+        With per_param=True: {param name: the same} for every param stepped, which needs named
+        parameters (`SNRAdamW(model.named_parameters(), ...)`). Computed on the device in the
+        step's pass; reading synchronizes with the device once, the step itself never does.
         """
         if not any(g["track_stats"] for g in self.param_groups):
             raise RuntimeError("stats() needs SNRAdamW(..., track_stats=True)")
-        per_group = []
-        total = None
-        for entry in self._stats:
-            if entry is None:
-                per_group.append(None)
-                continue
-            count, sums, found_inf = entry
-            if found_inf is not None and found_inf.item() != 0:
-                count = 0  # the step was skipped: nothing was stepped
-            values = torch.cat([torch.tensor([float(count)], dtype=torch.float64), sums.double().cpu()])
-            per_group.append(values)
-            total = values if total is None else total + values
-        return {**_stats_dict(total), "groups": [_stats_dict(v) for v in per_group]}
+        if per_param and any(self._stats) and not all("param_names" in g for g in self.param_groups):
+            raise ValueError("stats(per_param=True) needs named parameters: pass model.named_parameters() "
+                             "(or groups of (name, param) pairs) to SNRAdamW")
+        skipped = self._stats_found_inf is not None and self._stats_found_inf.item() != 0
+        rows: dict[int, list[Tensor]] = {}  # group -> [count, *STATS] per param
+        names: dict[str, Tensor] = {}
+        for gi, params, numels, sums in self._stats:
+            counts = torch.tensor(numels, dtype=torch.float64)
+            table = torch.cat([counts[:, None], sums.double().cpu()], 1)
+            if skipped:
+                table[:, 0] = 0  # the step was skipped: nothing was stepped
+            rows.setdefault(gi, []).append(table)
+            if per_param:
+                group = self.param_groups[gi]
+                index = {p: k for k, p in enumerate(group["params"])}
+                for p, row in zip(params, table):
+                    names[group["param_names"][index[p]]] = row
+        groups = [torch.cat(rows[gi]).sum(0) if gi in rows else None for gi in range(len(self.param_groups))]
+        present = [g for g in groups if g is not None]
+        total = torch.stack(present).sum(0) if present else None
+        out = {**_stats_dict(total), "groups": [_stats_dict(g) for g in groups]}
+        if per_param:
+            out["params"] = {name: _stats_dict(row) for name, row in names.items()}
+        return out
 
 
 def _check_grad(p: Tensor, g: Tensor, where: str) -> None:

@@ -49,3 +49,37 @@ def test_stats_need_track_stats():
     opt = SNRAdamW([torch.nn.Parameter(torch.ones(2))])
     with pytest.raises(RuntimeError, match="track_stats=True"):
         opt.stats()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_param_stats_match_reference(backend):
+    """stats(per_param=True): each named param's own statistics (several blocks per tensor too)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 60), torch.nn.Tanh(), torch.nn.Linear(60, 3)).to(DEVICE)
+    names = [n for n, _ in model.named_parameters()]
+    opt = SNRAdamW(model.named_parameters(), lr=1e-2, alpha=0.7, gate="soft", backend=backend, track_stats=True)
+    refs = [p.detach().clone().cpu() for p in model.parameters()]
+    states = [reference.new_state(r) for r in refs]
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), rho=0.99, eps=1e-8, weight_decay=1e-2, gate="soft", alpha=0.7,
+              softness=1.0, gate_eps=1e-16, warmup_steps=0, maximize=False)
+    for k in range(3):
+        model.zero_grad()
+        model(torch.randn(8, 40, device=DEVICE)).pow(2).mean().backward()
+        grads = [p.grad.detach().cpu() for p in model.parameters()]
+        opt.step()
+        outs = [reference.reference_step(r, g, s, **hp) for r, g, s in zip(refs, grads, states)]
+    per_param = opt.stats(per_param=True)["params"]
+    assert list(per_param) == names
+    for name, out in zip(names, outs):
+        want = reference_stats([{**out, "alpha": 0.7}])
+        for key in ("mean_gate", "frac_above", "signal", "noise"):
+            assert math.isclose(per_param[name][key], want[key], rel_tol=1e-5, abs_tol=1e-6), (name, key)
+
+
+def test_per_param_stats_need_named_parameters():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = SNRAdamW([p], track_stats=True)
+    p.grad = torch.ones(2)
+    opt.step()
+    with pytest.raises(ValueError, match=r"needs named parameters: pass model.named_parameters\(\)"):
+        opt.stats(per_param=True)

@@ -7,8 +7,9 @@ Every backend module exposes the same two functions:
         else what to do instead.
     step(flat, params, grads, hyper, *, grad_scale, found_inf) -> Tensor | None
         One step of the active `params` (with `grads`) of one bucket, whose states `flat`
-        holds; returns the device sums of the gate statistics (contract.STATS) when
-        hyper.track_stats, else None. A non-zero found_inf makes it a no-op.
+        holds; returns, when hyper.track_stats, the gate statistics' sums per param on the
+        device (shape [len(params), len(contract.STATS)]), else None. A non-zero found_inf
+        makes it a no-op.
 
 and may declare AUTO_DEVICE_TYPES, the device types `auto` may pick it for (default: all):
 Triton on a CPU runs interpreted, for tests, and is used only when named.

@@ -183,7 +183,7 @@ def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hype
          grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
     lib = load_library()
     if found_inf is not None and found_inf.item() != 0:  # a CPU tensor: no device to wait for
-        return torch.zeros(len(STATS), dtype=torch.float64) if hyper.track_stats else None
+        return torch.zeros(len(params), len(STATS), dtype=torch.float64) if hyper.track_stats else None
     table, operands = table_for("cpu", flat, params, grads, [flat.index[p] for p in params], CHUNK)
     table.count_step(flat.steps)
     if hyper.track_stats and table.stats is None:
@@ -200,4 +200,6 @@ def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hype
         table.stats.data_ptr() if h.track_stats else None,
         torch.get_num_threads() if table.numel >= PARALLEL_MIN else 1)
     operands.write_back()
-    return table.stats.sum(0) if h.track_stats else None
+    if not h.track_stats:
+        return None
+    return torch.zeros(len(params), len(STATS), dtype=torch.float64).index_add_(0, table.block_tensor, table.stats)

@@ -87,14 +87,14 @@ BATCH = 1 << 22  # ... and pieces in batches, so temporaries stay bounded whatev
 
 def _pieces(tensors: list[list[Tensor]], ts: list[float], seeds: list[int]):
     """Split (param, grad, m, v, s) quintuples into flat pieces of at most PIECE elements; each
-    piece carries its step and its own random stream (param seed, piece, step)."""
-    for quint, t, seed in zip(zip(*tensors), ts, seeds):
+    piece carries its step, its own random stream (param seed, piece, step) and its param's index."""
+    for j, (quint, t, seed) in enumerate(zip(zip(*tensors), ts, seeds)):
         stream = (seed + int(t) * 0x2545F4914F6CDD1D) & 0x7FFFFFFFFFFFFFFF
         if quint[0].numel() > PIECE and all(x.is_contiguous() for x in quint):
             for k, parts in enumerate(zip(*(x.view(-1).split(PIECE) for x in quint))):
-                yield parts, t, stream + k
+                yield parts, t, stream + k, j
         else:
-            yield quint, t, stream
+            yield quint, t, stream, j
 
 
 def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
@@ -103,7 +103,7 @@ def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hype
     if not params:
         return None
     cdt = compute_dtype(flat.dtype)
-    sums = torch.zeros(len(STATS), dtype=cdt, device=flat.device) if hyper.track_stats else None
+    sums = torch.zeros(len(params), len(STATS), dtype=cdt, device=flat.device) if hyper.track_stats else None
     if found_inf is not None and found_inf.item() != 0:
         return sums
     exp_avgs, exp_avg_sqs, exp_grad_vars, steps = flat.real_views(params)
@@ -126,9 +126,10 @@ def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hype
 
 def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
                  sums: Tensor | None) -> Tensor | None:
-    params, grads, exp_avgs, exp_avg_sqs, exp_grad_vars = (list(x) for x in zip(*(q for q, _, _ in batch)))
-    ts = [t for _, t, _ in batch]
-    streams = [s for _, _, s in batch] if h.stochastic_rounding else None
+    """Step a batch of pieces; with `sums` ([params, STATS]), add each piece's gate sums to its param's row."""
+    params, grads, exp_avgs, exp_avg_sqs, exp_grad_vars = (list(x) for x in zip(*(q for q, _, _, _ in batch)))
+    ts = [t for _, t, _, _ in batch]
+    streams = [s for _, _, s, _ in batch] if h.stochastic_rounding else None
     track_stats = sums is not None
     beta1, beta2, rho, eps, wd, alpha = h.beta1, h.beta2, h.rho, h.eps, h.weight_decay, h.alpha
     lr = h.host_lr()
@@ -182,13 +183,11 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
         plain = [i for i in range(len(ts)) if i not in gated_set]
         torch._foreach_addcdiv_([p[i] for i in plain], [m[i] for i in plain],
                                 [denom[i] for i in plain], [step_size[i] for i in plain])
-    if track_stats:
-        sums = sums + torch.stack([
-            sum(x.sum() for x in q_all),
-            sum((a > b).sum() for a, b in zip(mhat2, noise)).to(cdt),
-            sum(x.sum() for x in mhat2),
-            sum(x.sum() for x in noise),
-        ])
+    if track_stats:  # one row per piece (contract.STATS order), added into its param's row
+        rows = torch.stack([torch.stack([q.sum(), (a > b).sum().to(cdt), a.sum(), b.sum()])
+                            for q, a, b in zip(q_all, mhat2, noise)])
+        owner = torch.tensor([j for _, _, _, j in batch], device=rows.device)
+        sums.index_add_(0, owner, rows)
 
     _store(params, p, streams)
     _store(exp_avgs, m)

@@ -98,7 +98,7 @@ def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_a
                scalars: list[float], gate: str, warmup_steps: int, maximize: bool,
                stochastic_rounding: bool, track_stats: bool) -> None:
     """One step of the active params of a bucket: step counters, then one kernel launch; with
-    track_stats, this step's gate sums into `stats` (shape [len(STATS)]).
+    track_stats, this step's gate sums per param into `stats` (shape [len(params), len(STATS)]).
     `scalars` = Hyper's (beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps)."""
     flat = FlatState.find(flat_handle)  # stable for the bucket's life: no recompiles
     table, operands = table_for("triton", flat, params, grads, slots, BLOCK)
@@ -131,11 +131,10 @@ def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_a
     if found_inf is not None:  # as torch's fused Adam: the step does not count
         steps.index_add_(0, table.slots, found_inf.to(steps.dtype).expand(len(params)), alpha=-1)
     operands.write_back()
-    if track_stats:
+    if track_stats:  # the per-block partial sums, added per tensor on the device
+        stats.zero_()
         if table.num_blocks:
-            torch.sum(table.stats, 0, out=stats)
-        else:
-            stats.zero_()
+            stats.index_add_(0, table.block_tensor, table.stats)
 
 
 # Registered as a custom op so that torch.compile treats the step as one opaque, mutating call
@@ -158,10 +157,10 @@ def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hype
             lr_tensor, lr = lr, 0.0
         else:  # a CPU tensor next to CUDA params: reading it does not synchronize the GPU
             lr = lr.item()
-    key = ("triton stats", hyper.track_stats)  # [len(STATS)], or [0] as a placeholder when off
+    key = ("triton stats", len(params) if hyper.track_stats else 0)  # [params, STATS]; [0, STATS] when off
     stats = flat.tables.get(key)
     if stats is None:
-        stats = flat.tables[key] = torch.zeros(len(STATS) if hyper.track_stats else 0, device=flat.device)
+        stats = flat.tables[key] = torch.zeros(key[1], len(STATS), device=flat.device)
     h = hyper
     op = fused_step_op if torch.compiler.is_compiling() else fused_step
     op(params, grads, flat.buffers["exp_avg"], flat.buffers["exp_avg_sq"], flat.buffers["exp_grad_var"],

@@ -1,0 +1,171 @@
+"""SNRAdamW in the trainers people use: Hugging Face Trainer (with the stats callback, gradient
+accumulation, a bf16 model, exact resume), Accelerate (its GradScaler path), Lightning
+(configure_optimizers, the stats logger, checkpoint and resume), and the param-group helper."""
+
+import copy
+
+import pytest
+import torch
+
+from snr_triton import SNRAdamW
+from snr_triton.integrations import param_groups
+
+transformers = pytest.importorskip("transformers", reason="pip install 'snr-triton[integrations]'")
+
+STAT_KEYS = ("snr/mean_gate", "snr/frac_above", "snr/signal", "snr/noise")
+
+
+def tiny_llama(dtype=torch.float32):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Sequences of a repeating pattern: learnable, so the loss must fall."""
+
+    def __init__(self, n=64, length=16):
+        gen = torch.Generator().manual_seed(0)
+        starts = torch.randint(0, 64, (n, 1), generator=gen)
+        self.ids = (starts + torch.arange(length) * 3) % 64
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_param_groups_split_like_hugging_face():
+    model = tiny_llama()
+    groups = param_groups(model, 0.1)
+    decay = {n for n, _ in groups[0]["params"]}
+    no_decay = {n for n, _ in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert "model.embed_tokens.weight" in no_decay and "model.norm.weight" in no_decay
+    assert "model.layers.0.input_layernorm.weight" in no_decay
+    assert "model.layers.0.self_attn.q_proj.weight" in decay and "lm_head.weight" in decay
+    assert decay | no_decay == {n for n, _ in model.named_parameters()} and not decay & no_decay
+    opt = SNRAdamW(param_groups(model, 0.1))
+    assert opt.param_groups[0]["param_names"][0] == groups[0]["params"][0][0]
+
+
+def trainer(tmp_path, model, steps, callbacks=(), **kw):
+    from snr_triton.integrations.transformers import SNRStatsCallback
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, logging_steps=5,
+        save_steps=10, save_strategy="steps", report_to=[], seed=0, data_seed=0, use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True, **kw)
+    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                                optimizer_cls_and_kwargs=(SNRAdamW, {"lr": 3e-3, "alpha": 0.5}),
+                                callbacks=[SNRStatsCallback(lowest=3), *callbacks])
+
+
+@pytest.mark.parametrize("dtype,accumulation", [(torch.float32, 1), (torch.bfloat16, 2)])
+def test_hugging_face_trainer_logs_the_monitor_and_resumes_exactly(tmp_path, dtype, accumulation):
+    straight = trainer(tmp_path / "a", tiny_llama(dtype), 20, gradient_accumulation_steps=accumulation)
+    straight.train()
+    logs = [entry for entry in straight.state.log_history if "loss" in entry]
+    assert len(logs) == 4
+    for entry in logs:
+        assert all(0 <= entry[k] <= 1 for k in STAT_KEYS[:2]) and entry["snr/signal"] > 0
+        assert sum(k.startswith("snr/lowest_gate/") for k in entry) == 3
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+    resumed = trainer(tmp_path / "a", tiny_llama(dtype), 20, gradient_accumulation_steps=accumulation)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-10"))
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a, b)
+    opt = resumed.optimizer.optimizer if hasattr(resumed.optimizer, "optimizer") else resumed.optimizer
+    assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())  # never the model's bf16
+
+
+def test_callback_refuses_another_optimizer(tmp_path):
+    from snr_triton.integrations.transformers import SNRStatsCallback
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True,
+                                          disable_tqdm=True)
+    t = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(),
+                             callbacks=[SNRStatsCallback()])
+    with pytest.raises(TypeError, match="need an SNRAdamW optimizer, got AdamW"):
+        t.train()
+
+
+def test_accelerate_prepare_and_its_grad_scaler_path():
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    twin = copy.deepcopy(model)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, opt = accelerator.prepare(model, SNRAdamW(model.parameters(), lr=1e-2))
+    twin_opt = SNRAdamW(twin.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    for _ in range(3):
+        for m, o, backward in ((model, opt, accelerator.backward), (twin, twin_opt, torch.Tensor.backward)):
+            o.zero_grad()
+            backward(torch.nn.functional.mse_loss(m(x), y))
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    # the GradScaler path Accelerate takes in fp16: an overflow makes the step a no-op. (Accelerate
+    # reports step_was_skipped only for optimizers whose step GradScaler does not call; SNRAdamW,
+    # like torch's fused AdamW, unscales in its own pass, so GradScaler always calls it.)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaled = AcceleratedOptimizer(SNRAdamW(twin.parameters(), lr=1e-2), scaler=scaler)
+    for overflow in (False, True):
+        scaled.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(twin(x), y)).backward()
+        if overflow:
+            before = ([p.detach().clone() for p in twin.parameters()], copy.deepcopy(scaled.optimizer.state_dict()))
+            next(twin.parameters()).grad[0, 0] = float("inf")
+        scaled.step()
+        assert scaler.get_scale() == (2.0**7 if overflow else 2.0**8)
+    assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), before[0]))
+    for i, st in before[1]["state"].items():
+        for key, value in st.items():
+            assert torch.equal(scaled.optimizer.state_dict()["state"][i][key], value)
+
+
+def test_lightning_trains_logs_checkpoints_and_resumes(tmp_path):
+    lightning = pytest.importorskip("lightning")
+    from snr_triton.integrations.lightning import SNRStatsLogger
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return SNRAdamW(param_groups(self, 0.01), lr=1e-2)
+
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=gen), torch.randn(64, 1, generator=gen))
+
+    def fit(epochs, ckpt=None):  # 4 steps an epoch; Lightning resumes exactly at epoch boundaries
+        module = Module()
+        t = lightning.Trainer(max_epochs=epochs, logger=lightning.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=5,
+                              callbacks=[SNRStatsLogger(lowest=2)], enable_progress_bar=False,
+                              enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+                              enable_checkpointing=False, deterministic=True)
+        t.fit(module, torch.utils.data.DataLoader(data, batch_size=16), ckpt_path=ckpt)
+        return t, module
+
+    straight, straight_module = fit(2)
+    assert all(k in straight.logged_metrics for k in STAT_KEYS)
+    assert sum(k.startswith("snr/lowest_gate/") for k in straight.logged_metrics) == 2
+    half, _ = fit(1)
+    half.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, resumed_module = fit(2, ckpt=str(tmp_path / "half.ckpt"))
+    for a, b in zip(resumed_module.parameters(), straight_module.parameters()):
+        assert torch.equal(a, b)
