@@ -113,27 +113,6 @@ def _backward(model, x):
     model(x).pow(2).mean().backward()
 
 
-def test_torch_compile_sees_one_opaque_op_and_no_graph_break():
-    model, twin, (opt, twin_opt), x = _trained_pair()
-    for m, o in ((model, opt), (twin, twin_opt)):  # the first step creates the state eagerly
-        _backward(m, x)
-        o.step()
-    _backward(model, x)
-    explanation = torch._dynamo.explain(opt.step)()  # traces and runs one step
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    _backward(twin, x)
-    twin_opt.step()
-    torch._dynamo.reset()
-    compiled_step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
-    for _ in range(3):
-        _backward(model, x)
-        compiled_step()
-        _backward(twin, x)
-        twin_opt.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
 def test_step_reads_nothing_back_from_the_device(monkeypatch):
     """Capturable: with lr and step on the device, step() never calls item/cpu/tolist."""
     model, _, (opt, _), x = _trained_pair()

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import fused_op
 from ..contract import CPU_DTYPES, GATE_IDS, STATS, c_defines
 from ..flat_state import FlatState
 from ..hyperparams import Hyper
@@ -179,27 +180,41 @@ def load_library() -> ctypes.CDLL:
     return lib
 
 
-def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
-         grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
+def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_avg_sq: Tensor,
+               exp_grad_var: Tensor, steps: Tensor, stats: Tensor, flat_handle: int, slots: list[int], lr: float,
+               lr_tensor: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
+               scalars: list[float], gate: str, warmup_steps: int, maximize: bool,
+               stochastic_rounding: bool, track_stats: bool) -> None:
+    """The schema of snr_triton/fused_op.py: one pass of the C kernel over the active params."""
     lib = load_library()
-    if found_inf is not None and found_inf.item() != 0:  # a CPU tensor: no device to wait for
-        return torch.zeros(len(params), len(STATS), dtype=torch.float64) if hyper.track_stats else None
-    table, operands = table_for("cpu", flat, params, grads, [flat.index[p] for p in params], CHUNK)
-    table.count_step(flat.steps)
-    if hyper.track_stats and table.stats is None:
+    if found_inf is not None and found_inf.item() != 0:  # CPU tensors: nothing to wait for
+        stats.zero_()
+        return
+    flat = FlatState.find(flat_handle)
+    table, operands = table_for("cpu", flat, params, grads, slots, CHUNK)
+    table.count_step(steps)
+    if track_stats and table.stats is None:
         table.stats = torch.zeros(table.num_blocks, len(STATS), dtype=torch.float64)
-    h = hyper
-    c_hyper = _Hyper(h.beta1, h.beta2, h.rho, h.eps, h.weight_decay, h.alpha, h.softness, h.gate_eps,
-                     h.host_lr(), 1.0 / grad_scale.item() if grad_scale is not None else 1.0, h.warmup_steps)
-    bufs = flat.buffers
+    beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps = scalars
+    c_hyper = _Hyper(beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps,
+                     lr_tensor.item() if lr_tensor is not None else lr,
+                     1.0 / grad_scale.item() if grad_scale is not None else 1.0, warmup_steps)
     lib.snr_adamw_step(
         table.rows.data_ptr(), table.block_tensor.data_ptr(), table.num_blocks, CHUNK,
-        bufs["exp_avg"].data_ptr(), bufs["exp_avg_sq"].data_ptr(), bufs["exp_grad_var"].data_ptr(),
-        flat.steps.data_ptr(), ctypes.byref(c_hyper), GATE_IDS[h.gate], int(h.maximize),
-        int(flat.dtype == torch.bfloat16), int(flat.state_dtype == torch.bfloat16),
-        table.stats.data_ptr() if h.track_stats else None,
+        exp_avg.data_ptr(), exp_avg_sq.data_ptr(), exp_grad_var.data_ptr(),
+        steps.data_ptr(), ctypes.byref(c_hyper), GATE_IDS[gate], int(maximize),
+        int(flat.dtype == torch.bfloat16), int(exp_avg.dtype == torch.bfloat16),
+        table.stats.data_ptr() if track_stats else None,
         torch.get_num_threads() if table.numel >= PARALLEL_MIN else 1)
     operands.write_back()
-    if not h.track_stats:
-        return None
-    return torch.zeros(len(params), len(STATS), dtype=torch.float64).index_add_(0, table.block_tensor, table.stats)
+    if track_stats:  # per-chunk partial sums, added per tensor
+        stats.zero_().index_add_(0, table.block_tensor, table.stats)
+
+
+fused_step_op = fused_op.register("cpu_step", fused_step)
+
+
+def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
+         grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
+    return fused_op.call(fused_step_op, fused_step, flat, params, grads, hyper, grad_scale, found_inf,
+                         torch.float64)

@@ -7,7 +7,6 @@ neither the fastest path nor capturable in a CUDA graph.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -85,35 +84,42 @@ PIECE = 1 << 20  # elements: large tensors are stepped in pieces ...
 BATCH = 1 << 22  # ... and pieces in batches, so temporaries stay bounded whatever the model size
 
 
-def _pieces(tensors: list[list[Tensor]], ts: list[float], seeds: list[int]):
+def _pieces(tensors: list[list[Tensor]], steps: list[Tensor], seeds: list[int]):
     """Split (param, grad, m, v, s) quintuples into flat pieces of at most PIECE elements; each
-    piece carries its step, its own random stream (param seed, piece, step) and its param's index."""
-    for j, (quint, t, seed) in enumerate(zip(zip(*tensors), ts, seeds)):
-        stream = (seed + int(t) * 0x2545F4914F6CDD1D) & 0x7FFFFFFFFFFFFFFF
+    piece carries its step (a 0-dim tensor), its random stream's seed (param seed + piece) and
+    its param's index."""
+    for j, (quint, t, seed) in enumerate(zip(zip(*tensors), steps, seeds)):
         if quint[0].numel() > PIECE and all(x.is_contiguous() for x in quint):
             for k, parts in enumerate(zip(*(x.view(-1).split(PIECE) for x in quint))):
-                yield parts, t, stream + k, j
+                yield parts, t, seed + k, j
         else:
-            yield quint, t, stream, j
+            yield quint, t, seed, j
 
 
 def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
          grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
-    """One step for the active params of a bucket; all math in `compute_dtype`."""
+    """One step for the active params of a bucket; all math in `compute_dtype`. Step counts,
+    bias corrections and a tensor lr stay tensors (no host reads, so torch.compile traces it);
+    grad_scale/found_inf and stochastic rounding's seeds are read on the host."""
     if not params:
         return None
     cdt = compute_dtype(flat.dtype)
-    sums = torch.zeros(len(params), len(STATS), dtype=cdt, device=flat.device) if hyper.track_stats else None
+    sums = None
+    if hyper.track_stats:  # a buffer kept with the bucket, as the fused backends keep theirs
+        key = ("eager stats", len(params))
+        sums = flat.tables.get(key)
+        if sums is None:
+            sums = flat.tables[key] = torch.zeros(len(params), len(STATS), dtype=cdt, device=flat.device)
+        sums.zero_()
     if found_inf is not None and found_inf.item() != 0:
         return sums
     exp_avgs, exp_avg_sqs, exp_grad_vars, steps = flat.real_views(params)
     seeds = [flat.seeds[flat.index[p]] for p in params]
     torch._foreach_add_(steps, 1)
-    ts = [float(t) for t in torch.stack(steps).tolist()]
     inv_scale = 1.0 / grad_scale.item() if grad_scale is not None else None
     quints = [[as_real(p) for p in params], [as_real(g) for g in grads], exp_avgs, exp_avg_sqs, exp_grad_vars]
     batch, size = [], 0
-    for piece in _pieces(quints, ts, seeds):
+    for piece in _pieces(quints, steps, seeds):
         batch.append(piece)
         size += piece[0][0].numel()
         if size >= BATCH:
@@ -128,11 +134,19 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
                  sums: Tensor | None) -> Tensor | None:
     """Step a batch of pieces; with `sums` ([params, STATS]), add each piece's gate sums to its param's row."""
     params, grads, exp_avgs, exp_avg_sqs, exp_grad_vars = (list(x) for x in zip(*(q for q, _, _, _ in batch)))
-    ts = [t for _, t, _, _ in batch]
-    streams = [s for _, _, s, _ in batch] if h.stochastic_rounding else None
     track_stats = sums is not None
     beta1, beta2, rho, eps, wd, alpha = h.beta1, h.beta2, h.rho, h.eps, h.weight_decay, h.alpha
-    lr = h.host_lr()
+
+    # per-piece scalars as tensors: bias corrections in float64 (ALGORITHM.md), then cdt
+    t = torch.stack([t for _, t, _, _ in batch]).to(torch.float64)
+    lr = h.lr.to(t.device, torch.float64) if isinstance(h.lr, Tensor) else h.lr
+    bc1 = 1 - beta1**t
+    step_size = (-lr / bc1).to(cdt).unbind()
+    bc2_sqrt = torch.sqrt(1 - beta2**t).to(cdt).unbind()
+    bc3 = (1 - rho**t).to(cdt).unbind()
+    first = (t == 1).unbind()
+    open_gate = (t <= h.warmup_steps).unbind()
+    bc1 = bc1.to(cdt).unbind()
 
     p = _upcast(params, cdt)
     g = _upcast(grads, cdt)
@@ -154,41 +168,37 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
     del g
 
     if wd != 0:
-        torch._foreach_mul_(p, 1 - lr * wd)
-    bc1 = [1 - beta1**t for t in ts]
+        torch._foreach_mul_(p, 1 - lr * wd if not isinstance(lr, Tensor) else (1 - lr * wd).to(cdt))
     denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in ts])
+    torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
-    step_size = [-lr / b for b in bc1]
 
-    gated = [i for i, t in enumerate(ts) if h.gate != "none" and t > h.warmup_steps]
+    gated = h.gate != "none"
     if gated or track_stats:
         mhat2 = torch._foreach_div(m, bc1)
         torch._foreach_mul_(mhat2, mhat2)
         # ALGORITHM.md: at t = 1 the gate uses s-hat := m-hat^2, its exact value
-        shats = [mhat2[i].clone() if t == 1 else s[i] / (1 - rho**t) for i, t in enumerate(ts)]
+        shats = [torch.where(f, a, b / c) for f, a, b, c in zip(first, mhat2, s, bc3)]
         noise = torch._foreach_mul(shats, alpha)
-        if track_stats:
-            q_all = [torch.ones_like(x) for x in m]
     if gated:
-        q = _gate([mhat2[i].clone() for i in gated], [shats[i] for i in gated], h)
-        if track_stats:
-            for k, i in enumerate(gated):
-                q_all[i] = q[k].clone()
-        torch._foreach_mul_(q, [m[i] for i in gated])
-        torch._foreach_addcdiv_([p[i] for i in gated], q, [denom[i] for i in gated],
-                                [step_size[i] for i in gated])
-    if len(gated) < len(ts):  # ungated tensors: exactly torch AdamW's update
-        gated_set = set(gated)
-        plain = [i for i in range(len(ts)) if i not in gated_set]
-        torch._foreach_addcdiv_([p[i] for i in plain], [m[i] for i in plain],
-                                [denom[i] for i in plain], [step_size[i] for i in plain])
+        q = _gate([x.clone() for x in mhat2], shats, h)
+        q = [torch.where(o, torch.ones_like(x), x) for o, x in zip(open_gate, q)]  # warmup: q = 1
+        update = torch._foreach_mul(q, m)
+    else:  # exactly torch AdamW's update
+        q = [torch.ones_like(x) for x in m] if track_stats else None
+        update = [x.clone() for x in m]
+    torch._foreach_div_(update, denom)
+    torch._foreach_mul_(update, step_size)
+    torch._foreach_add_(p, update)
     if track_stats:  # one row per piece (contract.STATS order), added into its param's row
-        rows = torch.stack([torch.stack([q.sum(), (a > b).sum().to(cdt), a.sum(), b.sum()])
-                            for q, a, b in zip(q_all, mhat2, noise)])
+        rows = torch.stack([torch.stack([x.sum(), (a > b).sum().to(cdt), a.sum(), b.sum()])
+                            for x, a, b in zip(q, mhat2, noise)])
         owner = torch.tensor([j for _, _, _, j in batch], device=rows.device)
         sums.index_add_(0, owner, rows)
 
+    streams = None
+    if h.stochastic_rounding:  # each piece's own stream, varied by step (read on the host)
+        streams = [(seed + int(t) * 0x2545F4914F6CDD1D) & 0x7FFFFFFFFFFFFFFF for _, t, seed, _ in batch]
     _store(params, p, streams)
     _store(exp_avgs, m)
     _store(exp_avg_sqs, v)

@@ -15,6 +15,7 @@ import struct
 import torch
 from torch import Tensor
 
+from .. import fused_op
 from ..contract import GATE_IDS, STATS, TRITON_DTYPES
 from ..flat_state import FlatState
 from ..hyperparams import Hyper
@@ -137,34 +138,10 @@ def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_a
             stats.index_add_(0, table.block_tensor, table.stats)
 
 
-# Registered as a custom op so that torch.compile treats the step as one opaque, mutating call
-# (no graph break, correct aliasing) instead of tracing into Triton's launcher.
-fused_step_op = torch.library.custom_op(
-    "snr_triton::fused_step", fused_step,
-    mutates_args=("params", "exp_avg", "exp_avg_sq", "exp_grad_var", "steps", "stats"))
-
-
-@fused_step_op.register_fake
-def _(*args, **kwargs) -> None:
-    return None  # only mutates its inputs: nothing to describe for tracing
+fused_step_op = fused_op.register("triton_step", fused_step)
 
 
 def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
          grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
-    lr, lr_tensor = hyper.lr, None
-    if isinstance(lr, Tensor):
-        if lr.device == flat.device:
-            lr_tensor, lr = lr, 0.0
-        else:  # a CPU tensor next to CUDA params: reading it does not synchronize the GPU
-            lr = lr.item()
-    key = ("triton stats", len(params) if hyper.track_stats else 0)  # [params, STATS]; [0, STATS] when off
-    stats = flat.tables.get(key)
-    if stats is None:
-        stats = flat.tables[key] = torch.zeros(key[1], len(STATS), device=flat.device)
-    h = hyper
-    op = fused_step_op if torch.compiler.is_compiling() else fused_step
-    op(params, grads, flat.buffers["exp_avg"], flat.buffers["exp_avg_sq"], flat.buffers["exp_grad_var"],
-       flat.steps, stats, flat.handle, [flat.index[p] for p in params], float(lr), lr_tensor, grad_scale,
-       found_inf, [h.beta1, h.beta2, h.rho, h.eps, h.weight_decay, h.alpha, h.softness, h.gate_eps],
-       h.gate, h.warmup_steps, h.maximize, h.stochastic_rounding, h.track_stats)
-    return stats if h.track_stats else None
+    return fused_op.call(fused_step_op, fused_step, flat, params, grads, hyper, grad_scale, found_inf,
+                         torch.float32)
