@@ -169,3 +169,27 @@ def test_lightning_trains_logs_checkpoints_and_resumes(tmp_path):
     resumed, resumed_module = fit(2, ckpt=str(tmp_path / "half.ckpt"))
     for a, b in zip(resumed_module.parameters(), straight_module.parameters()):
         assert torch.equal(a, b)
+
+
+def test_train_llm_quick_with_two_ranks(tmp_path):
+    """bench/train_llm.py --quick under torchrun: FSDP2, torch.compile, bf16 autocast, DCP
+    checkpoint and resume (which must end exactly where the straight run ends), both optimizers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "train_llm.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "train_llm_seed0.json").read_text())
+    assert report["world"] == 2 and report["resume_exact"] == {"AdamW": True, "SNRAdamW": True}
+    for name in ("AdamW", "SNRAdamW"):
+        r = report["results"][name]
+        assert r["held"][-1] < 5.5  # log(256) = 5.55: both learn something about bytes in 20 steps
+        assert r["tokens_per_s"] > 0 and 0 < r["optimizer_share"] < 1
+    assert all(0 < g <= 1 for g in report["results"]["SNRAdamW"]["gate"])
+    assert (tmp_path / "train_llm_seed0.png").stat().st_size > 10_000
