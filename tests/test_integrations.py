@@ -82,6 +82,24 @@ def test_hugging_face_trainer_logs_the_monitor_and_resumes_exactly(tmp_path, dty
     assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())  # never the model's bf16
 
 
+def test_trainer_with_an_optimizer_and_scheduler_passed_in(tmp_path):
+    from snr_triton.integrations.transformers import SNRStatsCallback
+
+    model = tiny_llama()
+    opt = SNRAdamW(param_groups(model, 0.1), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8,
+                                          logging_steps=5, report_to=[], use_cpu=True, disable_tqdm=True,
+                                          save_strategy="no")
+    t = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, sched),
+                             callbacks=[SNRStatsCallback(lowest=2)])
+    t.train()
+    logs = [e for e in t.state.log_history if "loss" in e]
+    assert len(logs) == 2 and all(k in logs[-1] for k in STAT_KEYS)
+    assert any(k.startswith("snr/group1/") for k in logs[-1])  # the no-decay group, reported on its own
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-3 / 11)
+
+
 def test_callback_refuses_another_optimizer(tmp_path):
     from snr_triton.integrations.transformers import SNRStatsCallback
 
