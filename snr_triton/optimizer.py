@@ -250,8 +250,8 @@ class SNRAdamW(Optimizer):
                 _check_grad(p, p.grad, f" (param {i} of param group {gi})")
                 buckets.setdefault((p.device, _real_dtype(p)), []).append(p)
             for (device, dtype), params in buckets.items():
-                _, backend = self._choose(group["backend"], device, dtype, hyper, where)
-                plan.append(Bucket(gi, hyper, device, dtype, params, backend))
+                _, module = self._choose(group["backend"], device, dtype, hyper, where)
+                plan.append(Bucket(gi, hyper, device, dtype, params, module))
         return plan
 
     def _run(self, plan: list[Bucket], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
