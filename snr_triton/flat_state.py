@@ -8,7 +8,6 @@ base pointer and an offset.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Any
 
@@ -27,13 +26,19 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
-@functools.cache
-def _dtensor_class() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
+_dtensor: list = []  # [DTensor or None], filled on first use: importing it costs ~0.1 s
 
-    return DTensor
+
+def _dtensor_class() -> type | None:
+    # a plain global, not functools.cache: torch.compile traces this on every step
+    if not _dtensor:
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+
+            _dtensor.append(DTensor)
+        else:
+            _dtensor.append(None)
+    return _dtensor[0]
 
 
 def _is_dtensor(t: Tensor) -> bool:
