@@ -107,9 +107,9 @@ def capture_launch(variant: Variant) -> tuple[tuple, dict]:
 
 def _compiled_kernel():
     """The kernel as a JITFunction (the interpreter, if switched on, would hand us another kind)."""
-    path = Path(__file__).resolve().parent / "kernels" / "snr_adamw.py"
-    if not path.exists():
-        path = Path(__file__).resolve().parents[1] / "kernels" / "snr_adamw.py"
+    from .backend import kernel_file
+
+    path = kernel_file("snr_adamw.py")
     previous = os.environ.pop("TRITON_INTERPRET", None)
     try:
         spec = importlib.util.spec_from_file_location("snr_triton_codegen_kernel", path)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .backend import ORDER
-from .contract import GATE_IDS, GATES, STATE_DTYPES
+from .contract import GATES, STATE_DTYPES
 
 BACKENDS = ("auto", *ORDER)
 
@@ -162,14 +162,6 @@ class Hyper:
                    group["gate"], float(group["alpha"]), float(group["softness"]), float(group["gate_eps"]),
                    int(group["warmup_steps"]), bool(group["maximize"]), group["state_dtype"],
                    group["stochastic_rounding"], group["track_stats"])
-
-    @property
-    def gate_id(self) -> int:
-        return GATE_IDS[self.gate]
-
-    def host_lr(self) -> float:
-        """lr as a float (reads a tensor lr: a host synchronization for a device tensor)."""
-        return _host_float(self.lr)
 
 
 DEFAULT_HYPER = Hyper.of({**DEFAULTS, **RUNTIME_DEFAULTS})

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,16 @@ class Degraded(str):
 
 
 _modules: dict[str, ModuleType] = {}
+
+
+def kernel_file(name: str) -> Path:
+    """A kernel source file: installed, snr_triton/kernels/<name>; in a source checkout (the package
+    imported from the repository root), the top-level kernels/ folder."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "kernels" / name, package.parent / "kernels" / name):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"kernels/{name} is missing: reinstall snr-triton")
 
 
 def get(name: str) -> ModuleType:

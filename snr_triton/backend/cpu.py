@@ -28,7 +28,7 @@ from ..contract import CPU_DTYPES, GATE_IDS, STATS, c_defines
 from ..flat_state import FlatState
 from ..hyperparams import Hyper
 from ..tables import table_for
-from . import Degraded
+from . import Degraded, kernel_file
 
 CHUNK = 1 << 15  # elements per work item: large enough to amortize, small enough to balance threads
 PARALLEL_MIN = 1 << 18  # below this many elements a step runs on the calling thread alone
@@ -66,11 +66,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -
 
 
 def _source() -> Path:
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (here / "kernels" / "snr_adamw_cpu.c", here.parent / "kernels" / "snr_adamw_cpu.c"):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError("kernels/snr_adamw_cpu.c is missing: reinstall snr-triton")
+    return kernel_file("snr_adamw_cpu.c")
 
 
 def _compiler() -> str | None:

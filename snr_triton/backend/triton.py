@@ -20,7 +20,7 @@ from ..contract import GATE_IDS, STATS, TRITON_DTYPES
 from ..flat_state import FlatState
 from ..hyperparams import Hyper
 from ..tables import table_for
-from . import Degraded
+from . import Degraded, kernel_file
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -63,12 +63,12 @@ def _load_from_source_tree(name: str):
     (`python -c ...` there), the package is the folder snr_triton/ and they sit in ../kernels/."""
     import importlib.util
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "kernels" / f"{name}.py"
+    try:
+        path = kernel_file(f"{name}.py")
+    except FileNotFoundError as e:
+        raise ModuleNotFoundError(str(e)) from None
     spec = importlib.util.spec_from_file_location(f"snr_triton.kernels.{name}", path)
-    if spec is None or not path.exists():
-        raise ModuleNotFoundError(f"snr_triton.kernels.{name} is missing: reinstall snr-triton")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
