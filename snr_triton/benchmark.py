@@ -168,12 +168,12 @@ def _proc_status(key: str) -> int:
 
 def bench_size(device: torch.device, numel: int, dtype: torch.dtype, steps: int,
                rounds: int = 4) -> tuple[list[Row], dict[str, float]]:
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)  # on the device: a 1G-param draw on the host takes seconds
     impls = _implementations(device, dtype, numel)
     runs = {}
     for name, make in impls.items():
-        p = torch.nn.Parameter(torch.randn(numel, generator=gen).to(device=device, dtype=dtype))
-        p.grad = torch.randn(numel, generator=gen).to(device=device, dtype=dtype) * 1e-3
+        p = torch.nn.Parameter(torch.randn(numel, generator=gen, device=device).to(dtype))
+        p.grad = (torch.randn(numel, generator=gen, device=device) * 1e-3).to(dtype)
         opt = make([p])
         opt.step()  # warm-up: state, tables, compilation
         runs[name] = opt

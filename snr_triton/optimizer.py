@@ -122,9 +122,10 @@ class SNRAdamW(Optimizer):
     # ----------------------------------------------------------------- state
     def _reset_caches(self) -> None:
         self._flat: dict[tuple, FlatState] = {}
-        # the last step's gate statistics: (group index, params, numels, device sums per param)
-        self._stats: list[tuple] = []
-        self._stats_found_inf: Tensor | None = None
+        # The last step's gate statistics: "stats" holds (group index, params, numels, device sums per
+        # param). step() only mutates this dict, never assigns an attribute of the optimizer: dynamo
+        # before torch 2.12 fails on attribute assignment to an optimizer (pytorch/pytorch#171590).
+        self._last: dict[str, Any] = {"stats": [], "found_inf": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -255,14 +256,14 @@ class SNRAdamW(Optimizer):
         return plan
 
     def _run(self, plan: list[Bucket], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        self._stats, self._stats_found_inf = [], found_inf
+        self._last["stats"], self._last["found_inf"] = [], found_inf
         for bucket in plan:
             flat = self._flat_state(bucket)
             sums = bucket.backend.step(flat, bucket.params, [p.grad for p in bucket.params], bucket.hyper,
                                        grad_scale=grad_scale, found_inf=found_inf)
             if sums is not None:  # kept on the device; read only by stats()
                 numels = [flat.numels[flat.index[p]] for p in bucket.params]
-                self._stats.append((bucket.group_index, bucket.params, numels, sums))
+                self._last["stats"].append((bucket.group_index, bucket.params, numels, sums))
 
     # ----------------------------------------------------------------- monitor
     def stats(self, per_param: bool = False) -> dict[str, Any]:
@@ -276,13 +277,14 @@ class SNRAdamW(Optimizer):
         """
         if not any(g["track_stats"] for g in self.param_groups):
             raise RuntimeError("stats() needs SNRAdamW(..., track_stats=True)")
-        if per_param and any(self._stats) and not all("param_names" in g for g in self.param_groups):
+        if per_param and self._last["stats"] and not all("param_names" in g for g in self.param_groups):
             raise ValueError("stats(per_param=True) needs named parameters: pass model.named_parameters() "
                              "(or groups of (name, param) pairs) to SNRAdamW")
-        skipped = self._stats_found_inf is not None and self._stats_found_inf.item() != 0
+        found_inf = self._last["found_inf"]
+        skipped = found_inf is not None and found_inf.item() != 0
         rows: dict[int, list[Tensor]] = {}  # group -> [count, *STATS] per param
         names: dict[str, Tensor] = {}
-        for gi, params, numels, sums in self._stats:
+        for gi, params, numels, sums in self._last["stats"]:
             counts = torch.tensor(numels, dtype=torch.float64)
             table = torch.cat([counts[:, None], sums.double().cpu()], 1)
             if skipped:

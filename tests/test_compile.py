@@ -67,3 +67,24 @@ def test_compiled_step_equals_eager_and_lr_changes_do_not_recompile(backend):
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert opt.stats()["mean_gate"] == twin_opt.stats()["mean_gate"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_assigns_no_optimizer_attribute(backend, monkeypatch):
+    """Dynamo before torch 2.12 crashes on `optimizer.attr = ...` inside a compiled function
+    (pytorch/pytorch#171590; seen with torch 2.11 on an H200): step() must only mutate state it
+    already owns. Checked on the first step (state creation), a tracked step and a GradScaler step."""
+    (model, opt), _ = pair(backend)
+    assigned = []
+    original = type(opt).__setattr__
+    monkeypatch.setattr(type(opt), "__setattr__", lambda self, name, value: (assigned.append(name),
+                                                                            original(self, name, value)))
+    for k in range(3):
+        backward(model, k)
+        if k == 2:
+            opt.step(grad_scale=torch.tensor(1.0, device=DEVICE), found_inf=torch.tensor(0.0, device=DEVICE))
+        else:
+            opt.step()
+    monkeypatch.undo()
+    assert assigned == []
+    assert opt.stats()["mean_gate"] > 0  # the stats of the last step were kept all the same

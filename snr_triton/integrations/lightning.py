@@ -28,7 +28,7 @@ class SNRStatsLogger(Callback):
         if trainer.global_step % max(trainer.log_every_n_steps, 1):
             return
         for k, opt in enumerate(self._opts):
-            if opt._stats:
+            if opt._last["stats"]:
                 entries = log_entries(opt, self.lowest)
                 if len(self._opts) > 1:
                     entries = {key.replace("snr/", f"snr/opt{k}/", 1): v for key, v in entries.items()}

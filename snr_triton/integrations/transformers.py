@@ -29,7 +29,7 @@ class SNRStatsCallback(TrainerCallback):
         self._opt = start_tracking(optimizer, model)  # raises for any optimizer other than SNRAdamW
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._opt is None or logs is None or "loss" not in logs or not self._opt._stats:
+        if self._opt is None or logs is None or "loss" not in logs or not self._opt._last["stats"]:
             return
         entries = log_entries(self._opt, self.lowest)
         logs.update(entries)  # seen by the reporting callbacks after this one
