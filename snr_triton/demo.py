@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
         result = train_side_by_side(train_fraction=args.train_fraction, steps=steps, lr=args.lr or 3e-3,
                                     weight_decay=args.weight_decay, seed=args.seed, gate=args.gate,
                                     eval_every=50 if args.quick else 100, time_budget=args.time_budget,
-                                    progress=progress)
-        print(f"\na*b^-1 mod 97, {result['config']['train_fraction']:.0%} of pairs for training, "
+                                    progress=progress, model=args.model)
+        print(f"\na*b^-1 mod 97, {result['config']['model']}, {result['config']['train_fraction']:.0%} of pairs "
+              f"for training, lr {result['config']['lr']:g}, "
               f"{result['steps_run']} steps in {result['seconds']:.0f} s (seed {args.seed})")
         print(f"  {PAPER_CLAIMS['grokking']}")
         for name in ("AdamW", "SNRAdamW"):

@@ -66,6 +66,8 @@ class GrokkingTransformer(torch.nn.Module):
 
 
 MODELS = {"mlp": DivisionMLP, "transformer": GrokkingTransformer}
+MODEL_NAMES = {"mlp": "DivisionMLP(dim=64, hidden=256)",
+               "transformer": "GrokkingTransformer(dim=64, layers=2, heads=4)"}
 
 
 def train_one(optimizer: str, *, model: str = "mlp", p: int = 97, train_fraction: float = 0.25,
@@ -107,7 +109,9 @@ def train_one(optimizer: str, *, model: str = "mlp", p: int = 97, train_fraction
     return {"optimizer": optimizer, "model": model, "lr": lr, "gate": gate if optimizer != "AdamW" else None,
             "alpha": alpha if optimizer != "AdamW" else None, "seed": seed, "diverged": diverged,
             "to_50": first_step_at(curve, 0.5), "to_95": first_step_at(curve, 0.95),
-            "final_test_acc": curve.test_acc[-1] if curve.test_acc else None}
+            "final_test_acc": curve.test_acc[-1] if curve.test_acc else None,
+            "best_test_acc": max(curve.test_acc, default=None),
+            "final_train_acc": curve.train_acc[-1] if curve.train_acc else None}
 
 
 @dataclass
@@ -133,7 +137,8 @@ def first_step_at(curve: Curve, threshold: float) -> int | None:
 def train_side_by_side(*, p: int = 97, train_fraction: float = 0.25, steps: int = 40000,
                        lr: float = 3e-3, weight_decay: float = 1.0, batch_size: int = 512,
                        seed: int = 0, eval_every: int = 100, time_budget: float | None = None,
-                       gate: str = "snr", alpha: float | None = None, progress: bool = True) -> dict:
+                       gate: str = "snr", alpha: float | None = None, progress: bool = True,
+                       model: str = "mlp") -> dict:
     """AdamW and SNRAdamW on the same data, model init and batches, one step of each in turn.
 
     Stops when both reach 95% held-out accuracy, at `steps`, or after `time_budget` seconds.
@@ -149,8 +154,8 @@ def train_side_by_side(*, p: int = 97, train_fraction: float = 0.25, steps: int 
     (xt, yt), (xv, yv) = division_dataset(p, train_fraction, seed)
     alpha = finite_alpha(batch_size, len(xt)) if alpha is None else alpha
     torch.manual_seed(seed)
-    init = DivisionMLP(p)
-    models = {"AdamW": init, "SNRAdamW": DivisionMLP(p)}
+    init = MODELS[model](p)
+    models = {"AdamW": init, "SNRAdamW": MODELS[model](p)}
     models["SNRAdamW"].load_state_dict(init.state_dict())
     betas = (0.9, 0.98)
     opts = {
@@ -164,18 +169,18 @@ def train_side_by_side(*, p: int = 97, train_fraction: float = 0.25, steps: int 
     bar = tqdm(total=steps, desc="grokking a/b mod %d" % p, disable=not progress, unit="step")
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(xt), (batch_size,), generator=gen)
-        for name, model in models.items():
-            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+        for name, net in models.items():
+            loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
             opts[name].zero_grad()
             loss.backward()
             opts[name].step()
         bar.update(1)
         if step % eval_every == 0 or step == steps:
-            for name, model in models.items():
+            for name, net in models.items():
                 c = curves[name]
                 c.steps.append(step)
-                c.train_acc.append(accuracy(model, xt, yt))
-                c.test_acc.append(accuracy(model, xv, yv))
+                c.train_acc.append(accuracy(net, xt, yt))
+                c.test_acc.append(accuracy(net, xv, yv))
                 if name == "SNRAdamW":
                     st = opts[name].stats()
                     c.gate.append((st["mean_gate"], st["frac_above"]))
@@ -187,7 +192,7 @@ def train_side_by_side(*, p: int = 97, train_fraction: float = 0.25, steps: int 
     result = {
         "config": dict(p=p, train_fraction=train_fraction, lr=lr, weight_decay=weight_decay,
                        batch_size=batch_size, seed=seed, gate=gate, alpha=alpha, betas=betas,
-                       train_size=len(xt), model="DivisionMLP(dim=64, hidden=256)"),
+                       train_size=len(xt), model=MODEL_NAMES[model]),
         "seconds": time.perf_counter() - start,
         "steps_run": curves["AdamW"].steps[-1] if curves["AdamW"].steps else 0,
         "to_50": {n: first_step_at(c, 0.5) for n, c in curves.items()},

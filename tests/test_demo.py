@@ -63,6 +63,20 @@ def test_demo_grokking_quick(tmp_path, capsys):
     assert "steps to 50% held-out" in out and "paper: about 5x faster grokking" in out
 
 
+def test_demo_grokking_transformer(tmp_path, capsys):
+    """The paper's model runs through the same side-by-side loop (both optimizers from one init)."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    argv = ["demo", "grokking", "--model", "transformer", "--quick", "--steps", "100", "--no-progress",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert result["config"]["model"].startswith("GrokkingTransformer") and result["steps_run"] == 100
+    curves = result["curves"]
+    assert len(curves["SNRAdamW"]["gate"]) == 2 and curves["AdamW"]["steps"] == [50, 100]
+    assert "GrokkingTransformer" in capsys.readouterr().out
+
+
 def test_demo_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
