@@ -53,10 +53,12 @@ def job_key(job):
 
 def at_cap(results: list, cap: int) -> list:
     """The runs as if capped at `cap`: a run is deterministic per seed, so one with a larger cap
-    is the same run, cut at `cap` (the step of the last evaluation at or below it)."""
+    is the same run, cut at `cap` (the step of the last evaluation at or below it), and one that
+    stopped before its own cap (at 95%, or diverged) is the same run under any larger cap."""
     out = {}
     for r in results:
-        if r["cap"] >= cap and (key(r) not in out or r["cap"] < out[key(r)]["cap"]):
+        stopped = r["to_95"] is not None or r["diverged"]
+        if (r["cap"] >= cap or stopped) and (key(r) not in out or r["cap"] < out[key(r)]["cap"]):
             out[key(r)] = r
     cut = lambda step: step if step is not None and step <= cap else None  # noqa: E731
     return [{**r, "to_50": cut(r["to_50"]), "to_95": cut(r["to_95"]), "cap": cap,
@@ -160,8 +162,11 @@ def report(results: list, model: str, cap: int) -> None:
     # against this setting at its best lr
     score = lambda runs: statistics.mean(r["to_95"] or cap for r in runs.values())  # noqa: E731
     best = {}
+    seeds = {}  # only lrs run on every seed of a setting compete, so one lucky seed cannot win
     for (name, lr), runs in by.items():
-        if name not in best or score(runs) < score(by[(name, best[name])]):
+        seeds[name] = max(seeds.get(name, 0), len(runs))
+    for (name, lr), runs in by.items():
+        if len(runs) == seeds[name] and (name not in best or score(runs) < score(by[(name, best[name])])):
             best[name] = lr
     if "AdamW" not in best:
         return
