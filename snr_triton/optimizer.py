@@ -124,7 +124,7 @@ class SNRAdamW(Optimizer):
         self._flat: dict[tuple, FlatState] = {}
         # The last step's gate statistics: "stats" holds (group index, params, numels, device sums per
         # param). step() only mutates this dict, never assigns an attribute of the optimizer: dynamo
-        # before torch 2.12 fails on attribute assignment to an optimizer (pytorch/pytorch#171590).
+        # in torch 2.11 fails on attribute assignment to an optimizer (pytorch/pytorch#171590).
         self._last: dict[str, Any] = {"stats": [], "found_inf": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -71,8 +71,8 @@ def test_compiled_step_equals_eager_and_lr_changes_do_not_recompile(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_assigns_no_optimizer_attribute(backend, monkeypatch):
-    """Dynamo before torch 2.12 crashes on `optimizer.attr = ...` inside a compiled function
-    (pytorch/pytorch#171590; seen with torch 2.11 on an H200): step() must only mutate state it
+    """Dynamo in torch 2.11 crashes on `optimizer.attr = ...` inside a compiled function
+    (pytorch/pytorch#171590; seen on an H200; torch 2.13 traces it): step() must only mutate state it
     already owns. Checked on the first step (state creation), a tracked step and a GradScaler step."""
     (model, opt), _ = pair(backend)
     assigned = []

@@ -162,11 +162,11 @@ def report(results: list, model: str, cap: int) -> None:
     # against this setting at its best lr
     score = lambda runs: statistics.mean(r["to_95"] or cap for r in runs.values())  # noqa: E731
     best = {}
-    seeds = {}  # only lrs run on every seed of a setting compete, so one lucky seed cannot win
+    n_seeds = {}  # only lrs run on every seed of a setting compete, so one lucky seed cannot win
     for (name, lr), runs in by.items():
-        seeds[name] = max(seeds.get(name, 0), len(runs))
+        n_seeds[name] = max(n_seeds.get(name, 0), len(runs))
     for (name, lr), runs in by.items():
-        if len(runs) == seeds[name] and (name not in best or score(runs) < score(by[(name, best[name])])):
+        if len(runs) == n_seeds[name] and (name not in best or score(runs) < score(by[(name, best[name])])):
             best[name] = lr
     if "AdamW" not in best:
         return
