@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .contract import ALIGN
+from .contract import ALIGN, STATS
 from .reference import exp_grad_var_from_adam
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_grad_var")
@@ -94,7 +94,7 @@ class FlatState:
     `state_dtype`), so a bucket can be rebuilt at any time: a checkpoint, an AdamW checkpoint,
     a changed state_dtype, a param moved to another device or dtype. Nothing in `state` changes
     until every view is built. `tables` caches what a backend derives from the bucket (address
-    tables), keyed by the backend's name.
+    tables, keyed by the backend's name; stats buffers, by shape and dtype).
     """
 
     def __init__(self, params: list[Tensor], ids: list[int], state: dict, hyper, device: torch.device,
@@ -169,6 +169,15 @@ class FlatState:
             if i is None or state.get(p) is not entries[i]:
                 return False
         return True
+
+    def stats_buffer(self, rows: int, dtype: torch.dtype) -> Tensor:
+        """The [rows, len(STATS)] buffer a backend writes a step's per-param gate sums into: kept
+        with the bucket, so a step allocates nothing."""
+        key = ("stats", rows, dtype)
+        buf = self.tables.get(key)
+        if buf is None:
+            buf = self.tables[key] = torch.zeros(rows, len(STATS), dtype=dtype, device=self.device)
+        return buf
 
     def real_views(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
         """(exp_avg, exp_avg_sq, exp_grad_var, step) views of `params`, in order, for the eager path."""

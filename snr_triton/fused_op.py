@@ -16,7 +16,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .contract import STATS
 from .flat_state import FlatState
 from .hyperparams import Hyper
 
@@ -40,10 +39,7 @@ def call(op: Callable, impl: Callable, flat: FlatState, params: list[Tensor], gr
             lr_tensor, lr = lr, 0.0
         else:  # a CPU tensor next to CUDA params: reading it does not synchronize the GPU
             lr = lr.item()
-    key = ("stats", len(params) if h.track_stats else 0)  # [params, STATS]; [0, STATS] when off
-    stats = flat.tables.get(key)
-    if stats is None:
-        stats = flat.tables[key] = torch.zeros(key[1], len(STATS), dtype=stats_dtype, device=flat.device)
+    stats = flat.stats_buffer(len(params) if h.track_stats else 0, stats_dtype)  # [0, STATS] when off
     fn = op if torch.compiler.is_compiling() else impl
     fn(params, grads, flat.buffers["exp_avg"], flat.buffers["exp_avg_sq"], flat.buffers["exp_grad_var"],
        flat.steps, stats, flat.handle, [flat.index[p] for p in params], float(lr), lr_tensor, grad_scale,

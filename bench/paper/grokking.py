@@ -46,9 +46,8 @@ def key(r):
 
 def job_key(job):
     optimizer, settings, lr, seed, model, steps = job
-    gate = settings.get("gate") if optimizer != "AdamW" else None
-    alpha = None if optimizer == "AdamW" else settings.get("alpha") == 1.0
-    return optimizer, gate, alpha, lr, seed, model
+    return key({"optimizer": optimizer, "gate": settings.get("gate"), "alpha": settings.get("alpha"), "lr": lr,
+                "seed": seed, "model": model})
 
 
 def at_cap(results: list, cap: int) -> list:

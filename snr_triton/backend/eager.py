@@ -12,7 +12,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..contract import STATS
 from ..flat_state import FlatState, as_real
 from ..hyperparams import Hyper
 
@@ -106,11 +105,7 @@ def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hype
     cdt = compute_dtype(flat.dtype)
     sums = None
     if hyper.track_stats:  # a buffer kept with the bucket, as the fused backends keep theirs
-        key = ("eager stats", len(params))
-        sums = flat.tables.get(key)
-        if sums is None:
-            sums = flat.tables[key] = torch.zeros(len(params), len(STATS), dtype=cdt, device=flat.device)
-        sums.zero_()
+        sums = flat.stats_buffer(len(params), cdt).zero_()
     if found_inf is not None and found_inf.item() != 0:
         return sums
     exp_avgs, exp_avg_sqs, exp_grad_vars, steps = flat.real_views(params)

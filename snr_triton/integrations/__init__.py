@@ -65,7 +65,9 @@ def start_tracking(optimizer: Any, model: torch.nn.Module | None = None) -> SNRA
 def log_entries(opt: SNRAdamW, lowest: int = 0) -> dict[str, float]:
     """The last step's statistics as flat log keys (one device read): snr/mean_gate, ...,
     snr/group<i>/..., and with `lowest` > 0 and named params, the mean gate of the `lowest`
-    params whose gate is lowest (snr/lowest_gate/<name>)."""
+    params whose gate is lowest (snr/lowest_gate/<name>). Empty before the first tracked step."""
+    if not opt._last["stats"]:
+        return {}
     named = lowest > 0 and all("param_names" in g for g in opt.param_groups)
     stats = opt.stats(per_param=named)
     keys = ("mean_gate", "frac_above", "signal", "noise")

@@ -28,8 +28,8 @@ class SNRStatsLogger(Callback):
         if trainer.global_step % max(trainer.log_every_n_steps, 1):
             return
         for k, opt in enumerate(self._opts):
-            if opt._last["stats"]:
-                entries = log_entries(opt, self.lowest)
+            entries = log_entries(opt, self.lowest)
+            if entries:
                 if len(self._opts) > 1:
                     entries = {key.replace("snr/", f"snr/opt{k}/", 1): v for key, v in entries.items()}
                 pl_module.log_dict(entries, on_step=True, on_epoch=False)

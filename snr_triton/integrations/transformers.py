@@ -29,9 +29,11 @@ class SNRStatsCallback(TrainerCallback):
         self._opt = start_tracking(optimizer, model)  # raises for any optimizer other than SNRAdamW
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._opt is None or logs is None or "loss" not in logs or not self._opt._last["stats"]:
+        if self._opt is None or logs is None or "loss" not in logs:
             return
         entries = log_entries(self._opt, self.lowest)
+        if not entries:
+            return
         logs.update(entries)  # seen by the reporting callbacks after this one
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(entries)
