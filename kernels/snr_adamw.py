@@ -1,11 +1,10 @@
 """The fused SNR-AdamW step: one Triton launch per (param group, device, dtype).
 
-Each program updates BLOCK elements of one tensor. It finds its tensor in a
-block table, and the tensor's param/grad addresses, state offset, length and
-step slot in a metadata table, both built once on the host and rebuilt only
-when a storage changes. States live in one flat buffer per state, so they are
-reached by base pointer + offset. Every element's theta, g, m, v, s is read
-once and theta, m, v, s written once: ALGORITHM.md's 36 bytes per fp32 element.
+Each program updates BLOCK elements of one tensor. It finds its tensor in a block table, and
+the tensor's param, grad and state addresses, length and step slot in a metadata table
+(snr_triton/tables.py), both built once per active set on the host; only the param and grad
+addresses are refreshed when storages move. Every element's theta, g, m, v, s is read once and
+theta, m, v, s written once: ALGORITHM.md's 36 bytes per fp32 element.
 """
 
 import triton
@@ -14,11 +13,13 @@ import triton.language as tl
 from snr_triton import contract
 
 # The contract (snr_triton/contract.py) as compile-time constants: table columns, gate ids,
-# stats columns, state alignment.
+# stats columns.
 ROW_COLUMNS = tl.constexpr(len(contract.ROW))
 PARAM_ADDR = tl.constexpr(contract.ROW.index("param_addr"))
 GRAD_ADDR = tl.constexpr(contract.ROW.index("grad_addr"))
-STATE_OFFSET = tl.constexpr(contract.ROW.index("state_offset"))
+EXP_AVG_ADDR = tl.constexpr(contract.ROW.index("exp_avg_addr"))
+EXP_AVG_SQ_ADDR = tl.constexpr(contract.ROW.index("exp_avg_sq_addr"))
+EXP_GRAD_VAR_ADDR = tl.constexpr(contract.ROW.index("exp_grad_var_addr"))
 NUMEL = tl.constexpr(contract.ROW.index("numel"))
 FIRST_BLOCK = tl.constexpr(contract.ROW.index("first_block"))
 STEP_SLOT = tl.constexpr(contract.ROW.index("step_slot"))
@@ -33,7 +34,6 @@ SUM_Q = tl.constexpr(contract.STATS.index("sum_q"))
 COUNT_ABOVE = tl.constexpr(contract.STATS.index("count_above"))
 SUM_SIGNAL = tl.constexpr(contract.STATS.index("sum_signal"))
 SUM_NOISE = tl.constexpr(contract.STATS.index("sum_noise"))
-ALIGN = tl.constexpr(contract.ALIGN)
 
 
 @triton.jit
@@ -85,95 +85,71 @@ def _store(ptr, x, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _step_block(
-    param_ptr, grad_ptr, m_ptr, v_ptr, s_ptr, offs, numel, t, lr, grad_scale_ptr, stats_row, seed_ptr,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho, lb1_hi, lb1_lo, lb2_hi, lb2_lo,
-    lrho_hi, lrho_lo, eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
-    GATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    STOCHASTIC_ROUNDING: tl.constexpr, TRACK_STATS: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
-):
-    """BLOCK elements of one tensor: every element of theta, g, m, v, s read once, theta, m, v, s
-    written once. MASKED=False is the fast path: a full block of 16-byte-aligned tensors."""
-    mask = offs < numel
-    p = _load(param_ptr, mask, MASKED)
-    g = _load(grad_ptr, mask, MASKED)
-    m = _load(m_ptr, mask, MASKED)
-    v = _load(v_ptr, mask, MASKED)
-    s = _load(s_ptr, mask, MASKED)
+def _load5(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, mask, MASKED: tl.constexpr):
+    return (_load(p_ptr, mask, MASKED), _load(g_ptr, mask, MASKED), _load(m_ptr, mask, MASKED),
+            _load(v_ptr, mask, MASKED), _load(s_ptr, mask, MASKED))
 
-    if HAS_GRAD_SCALE:
-        g = g / tl.load(grad_scale_ptr).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
 
-    # step was incremented before the launch; bias corrections are per-program scalars
-    bc1 = _one_minus_pow(lb1_hi, lb1_lo, t)
-    bc2 = _one_minus_pow(lb2_hi, lb2_lo, t)
-    bc3 = _one_minus_pow(lrho_hi, lrho_lo, t)
-
-    diff = g - m  # m before this step's update
-    s = rho * s + one_minus_rho * (diff * diff)
-    m = m + one_minus_beta1 * diff  # torch's lerp(m, g, 1 - beta1)
-    v = beta2 * v + one_minus_beta2 * (g * g)
-
-    denom = tl.sqrt_rn(v) / tl.sqrt_rn(bc2) + eps
-    mhat = m / bc1
-    signal = mhat * mhat
-    shat = tl.where(t == 1.0, signal, s / bc3)  # ALGORITHM.md: at t = 1 the gate uses s-hat := m-hat^2
-    noise = alpha * shat
-    if GATE == GATE_SNR:
-        q = signal / (signal + softness * noise + gate_eps)
-    elif GATE == GATE_SOFT:
-        d = tl.maximum(signal - noise, 0.0)
-        q = d / (d + softness * shat + gate_eps)
-    elif GATE == GATE_HARD:
-        q = tl.where(signal > noise, 1.0, 0.0)
-    else:  # none
-        q = tl.full([BLOCK], 1.0, tl.float32)
-    q = tl.where(t <= warmup_steps, 1.0, q)
-
-    p = p * (1.0 - lr * weight_decay)
-    p = p - (lr / bc1) * (q * m / denom)
-
-    if STOCHASTIC_ROUNDING:
-        # the param's own stream (its seed), varied by element and step
-        rounded = _stochastic_round_bf16(p, tl.load(seed_ptr), offs + (t.to(tl.int64) << 40))
+@triton.jit
+def _store4(p_ptr, m_ptr, v_ptr, s_ptr, p, m, v, s, mask, seed_ptr, rand_offsets,
+            STOCHASTIC_ROUNDING: tl.constexpr, MASKED: tl.constexpr):
+    if STOCHASTIC_ROUNDING:  # the param's own stream (its seed), varied by element and step
+        rounded = _stochastic_round_bf16(p, tl.load(seed_ptr), rand_offsets)
         if MASKED:
-            tl.store(param_ptr, rounded, mask=mask)
+            tl.store(p_ptr, rounded, mask=mask)
         else:
-            tl.store(param_ptr, rounded)
+            tl.store(p_ptr, rounded)
     else:
-        _store(param_ptr, p, mask, MASKED)
+        _store(p_ptr, p, mask, MASKED)
     _store(m_ptr, m, mask, MASKED)
     _store(v_ptr, v, mask, MASKED)
     _store(s_ptr, s, mask, MASKED)
 
-    if TRACK_STATS:  # partial sums per program, reduced on the device when stats() is read
-        zero = tl.zeros([BLOCK], tl.float32)
-        tl.store(stats_row + SUM_Q, tl.sum(tl.where(mask, q, zero)))
-        tl.store(stats_row + COUNT_ABOVE, tl.sum(tl.where(mask & (signal > noise), 1.0, zero)))
-        tl.store(stats_row + SUM_SIGNAL, tl.sum(tl.where(mask, signal, zero)))
-        tl.store(stats_row + SUM_NOISE, tl.sum(tl.where(mask, noise, zero)))
+
+@triton.jit
+def _gate(m, s, first, bc1_over_sqrt_bc3, gate_eps_bc1_sq, alpha, softness, GATE: tl.constexpr):
+    """q of ALGORITHM.md, overflow-safe: m-hat^2 and alpha*s-hat are never formed. With A = |m|
+    and B = sqrt(s)*bc1/sqrt(bc3) (B/bc1 = sqrt(s-hat)), both divided by C = max(A, B):
+    x = m-hat^2/c^2 and y = s-hat/c^2 lie in [0, 1], and delta/c^2 = delta*bc1^2/C^2; q = 0 when
+    C = 0. Finite in [0, 1] for every finite m and s."""
+    a = tl.abs(m)
+    b = tl.where(first, a, tl.sqrt_rn(s) * bc1_over_sqrt_bc3)  # t = 1: s-hat := m-hat^2
+    c = tl.maximum(a, b)
+    nonzero = c > 0.0
+    inv = 1.0 / tl.where(nonzero, c, 1.0)
+    ra = a * inv
+    rb = b * inv
+    x = ra * ra
+    y = rb * rb
+    tail = (gate_eps_bc1_sq * inv) * inv
+    if GATE == GATE_SNR:
+        q = x / (x + (softness * alpha) * y + tail)
+    elif GATE == GATE_SOFT:
+        d = tl.maximum(x - alpha * y, 0.0)
+        q = d / (d + softness * y + tail)
+    elif GATE == GATE_HARD:
+        q = tl.where(x > alpha * y, 1.0, 0.0)
+    else:  # none
+        q = tl.full(m.shape, 1.0, tl.float32)
+    if GATE != GATE_NONE:
+        q = tl.where(nonzero, q, 0.0)  # m = s = 0
+    return q, x > alpha * y
 
 
 @triton.jit
 def snr_adamw_kernel(
-    meta_ptr, block_tensor_ptr,
-    exp_avg_ptr, exp_avg_sq_ptr, exp_grad_var_ptr, step_ptr,
+    meta_ptr, block_tensor_ptr, step_ptr,
     lr, lr_ptr, grad_scale_ptr, found_inf_ptr, stats_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho,
     lb1_hi, lb1_lo, lb2_hi, lb2_lo, lrho_hi, lrho_lo,
     eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
-    PARAM_DTYPE: tl.constexpr, GATE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, GATE: tl.constexpr, MAXIMIZE: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr, TRACK_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
     row = meta_ptr + tensor * ROW_COLUMNS
-    param_addr = tl.load(row + PARAM_ADDR)
-    grad_addr = tl.load(row + GRAD_ADDR)
-    state_offset = tl.multiple_of(tl.load(row + STATE_OFFSET), ALIGN)
     numel = tl.load(row + NUMEL)
     start = tl.multiple_of((pid - tl.load(row + FIRST_BLOCK)) * BLOCK, BLOCK)
     aligned = tl.load(row + ALIGNED)
@@ -181,28 +157,61 @@ def snr_adamw_kernel(
     t = tl.load(step_ptr + tl.load(row + STEP_SLOT)).to(tl.float64)
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float32)
-
     if HAS_FOUND_INF:  # GradScaler found inf/nan: every block masked off, nothing read or written
         numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    state_idx = state_offset + offs
-    param_base = param_addr.to(tl.pointer_type(PARAM_DTYPE))
-    grad_base = grad_addr.to(tl.pointer_type(PARAM_DTYPE))
-    stats_row = stats_ptr + pid * STAT_COLUMNS
-    if (aligned != 0) & (start + BLOCK <= numel):
-        # the hot path: whole blocks of 16-byte-aligned tensors, unmasked, full-width accesses
-        _step_block(
-            tl.multiple_of(param_base, 16) + offs, tl.multiple_of(grad_base, 16) + offs,
-            exp_avg_ptr + state_idx, exp_avg_sq_ptr + state_idx, exp_grad_var_ptr + state_idx, offs, numel,
-            t, lr, grad_scale_ptr, stats_row, row + RNG_SEED,
-            beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho, lb1_hi, lb1_lo, lb2_hi,
-            lb2_lo, lrho_hi, lrho_lo, eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
-            GATE, MAXIMIZE, HAS_GRAD_SCALE, STOCHASTIC_ROUNDING, TRACK_STATS, BLOCK, False)
+    mask = offs < numel
+    p_base = tl.load(row + PARAM_ADDR).to(tl.pointer_type(PARAM_DTYPE))
+    g_base = tl.load(row + GRAD_ADDR).to(tl.pointer_type(PARAM_DTYPE))
+    m_base = tl.load(row + EXP_AVG_ADDR).to(tl.pointer_type(STATE_DTYPE))
+    v_base = tl.load(row + EXP_AVG_SQ_ADDR).to(tl.pointer_type(STATE_DTYPE))
+    s_base = tl.load(row + EXP_GRAD_VAR_ADDR).to(tl.pointer_type(STATE_DTYPE))
+    hot = (aligned != 0) & (start + BLOCK <= numel)
+    if hot:  # whole blocks of 16-byte-aligned tensors: unmasked, full-width accesses
+        p, g, m, v, s = _load5(tl.multiple_of(p_base, 16) + offs, tl.multiple_of(g_base, 16) + offs,
+                               tl.multiple_of(m_base, 16) + offs, tl.multiple_of(v_base, 16) + offs,
+                               tl.multiple_of(s_base, 16) + offs, mask, False)
     else:  # a tensor's last block, or an unaligned tensor (an odd view)
-        _step_block(
-            param_base + offs, grad_base + offs,
-            exp_avg_ptr + state_idx, exp_avg_sq_ptr + state_idx, exp_grad_var_ptr + state_idx, offs, numel,
-            t, lr, grad_scale_ptr, stats_row, row + RNG_SEED,
-            beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho, lb1_hi, lb1_lo, lb2_hi,
-            lb2_lo, lrho_hi, lrho_lo, eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
-            GATE, MAXIMIZE, HAS_GRAD_SCALE, STOCHASTIC_ROUNDING, TRACK_STATS, BLOCK, True)
+        p, g, m, v, s = _load5(p_base + offs, g_base + offs, m_base + offs, v_base + offs, s_base + offs,
+                               mask, True)
+
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale_ptr).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    # bias corrections: per-program scalars
+    bc1 = _one_minus_pow(lb1_hi, lb1_lo, t)
+    bc2 = _one_minus_pow(lb2_hi, lb2_lo, t)
+    bc3 = _one_minus_pow(lrho_hi, lrho_lo, t)
+
+    diff = g - m  # m before this step's update
+    s = rho * s + (one_minus_rho * diff) * diff  # (1-rho)*diff first: finite for every finite g
+    m = m + one_minus_beta1 * diff  # torch's lerp(m, g, 1 - beta1)
+    v = beta2 * v + (one_minus_beta2 * g) * g  # as torch's addcmul
+    denom = tl.sqrt_rn(v) / tl.sqrt_rn(bc2) + eps
+    first = t == 1.0  # ALGORITHM.md: at t = 1 the gate uses s-hat := m-hat^2
+    q, above = _gate(m, s, first, bc1 / tl.sqrt_rn(bc3), gate_eps * bc1 * bc1, alpha, softness, GATE)
+    q = tl.where(t <= warmup_steps, 1.0, q)
+    p = p * (1.0 - lr * weight_decay)
+    p = p - (lr / bc1) * (q * m / denom)
+
+    rand_offsets = offs + (t.to(tl.int64) << 40)
+    if hot:
+        _store4(tl.multiple_of(p_base, 16) + offs, tl.multiple_of(m_base, 16) + offs,
+                tl.multiple_of(v_base, 16) + offs, tl.multiple_of(s_base, 16) + offs, p, m, v, s, mask,
+                row + RNG_SEED, rand_offsets, STOCHASTIC_ROUNDING, False)
+    else:
+        _store4(p_base + offs, m_base + offs, v_base + offs, s_base + offs, p, m, v, s, mask, row + RNG_SEED,
+                rand_offsets, STOCHASTIC_ROUNDING, True)
+
+    if TRACK_STATS:  # partial sums per program, reduced on the device when stats() is read
+        mhat = m / bc1
+        signal = mhat * mhat
+        noise = alpha * tl.where(first, signal, s / bc3)
+        zero = tl.zeros([BLOCK], tl.float32)
+        stats_row = stats_ptr + pid * STAT_COLUMNS
+        tl.store(stats_row + SUM_Q, tl.sum(tl.where(mask, q, zero)))
+        tl.store(stats_row + COUNT_ABOVE, tl.sum(tl.where(mask & above, 1.0, zero)))
+        tl.store(stats_row + SUM_SIGNAL, tl.sum(tl.where(mask, signal, zero)))
+        tl.store(stats_row + SUM_NOISE, tl.sum(tl.where(mask, noise, zero)))

@@ -3,8 +3,8 @@
  * Compiled on first use by snr_triton/backend/cpu.py (the system C compiler, -O3) and cached on
  * disk, so later processes start at once. Threads are plain pthreads, not OpenMP: a second OpenMP
  * runtime beside torch's own would share the process badly. Work is a table of chunks, each a slice of
- * one tensor; params and grads are reached through an address table, states through one flat
- * buffer per state. Math in float32, bias corrections in float64 once per chunk.
+ * one tensor; params, grads and each param's own states are reached through an address table.
+ * Math in float32, bias corrections in float64 once per chunk.
  *
  * The contract (gate ids, table columns, stats columns) is not written here: it comes from
  * snr_triton/contract.py as -D defines when snr_triton/backend/cpu.py compiles this file.
@@ -49,16 +49,19 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         P *restrict param, const P *restrict grad, S *restrict m_buf, S *restrict v_buf,           \
         S *restrict s_buf, int64_t n, const Hyper *h, double t, int maximize, double *stats,       \
         const int GATE, const int STATS) {                                                          \
-    const float inv_bc1 = (float)(1.0 / (1.0 - pow(h->beta1, t)));                                 \
+    const double bc1 = 1.0 - pow(h->beta1, t), bc3 = 1.0 - pow(h->rho, t);                        \
+    const float inv_bc1 = (float)(1.0 / bc1);                                                      \
     const float inv_bc2_sqrt = (float)(1.0 / sqrt(1.0 - pow(h->beta2, t)));                        \
-    const float inv_bc3 = (float)(1.0 / (1.0 - pow(h->rho, t)));                                   \
+    const float inv_bc3 = (float)(1.0 / bc3);                                                      \
+    const float b_scale = (float)(bc1 / sqrt(bc3)); /* sqrt(s) * b_scale = bc1 * sqrt(s-hat) */   \
+    const float tail_scale = (float)(h->gate_eps * bc1 * bc1);                                     \
     const float omb1 = (float)(1.0 - h->beta1);                                                    \
     const float b2 = (float)h->beta2, omb2 = (float)(1.0 - h->beta2);                             \
     const float rho = (float)h->rho, omrho = (float)(1.0 - h->rho);                               \
     const float eps = (float)h->eps, alpha = (float)h->alpha, lam = (float)h->softness;           \
-    const float delta = (float)h->gate_eps;                                                        \
+    const float lam_alpha = (float)(h->softness * h->alpha);                                       \
     const float decay = (float)(1.0 - h->lr * h->weight_decay);                                    \
-    const float step_size = (float)(h->lr / (1.0 - pow(h->beta1, t)));                            \
+    const float step_size = (float)(h->lr / bc1);                                                  \
     const float sign = (float)(maximize ? -h->inv_grad_scale : h->inv_grad_scale);                 \
     const int first = t == 1.0;                                                                    \
     double sum_q = 0, sum_above = 0, sum_signal = 0, sum_noise = 0;                                \
@@ -67,26 +70,31 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         const float g = LOADP(grad[i]) * sign;                                                     \
         float m = LOADS(m_buf[i]);                                                                 \
         const float diff = g - m;                                                                  \
-        const float s = rho * LOADS(s_buf[i]) + omrho * (diff * diff);                             \
+        const float s = rho * LOADS(s_buf[i]) + (omrho * diff) * diff; /* finite for finite g */   \
         m = m + omb1 * diff;                                                                       \
-        const float v = b2 * LOADS(v_buf[i]) + omb2 * (g * g);                                     \
+        const float v = b2 * LOADS(v_buf[i]) + (omb2 * g) * g; /* as torch's addcmul */            \
         const float denom = sqrtf(v) * inv_bc2_sqrt + eps;                                         \
-        const float mhat = m * inv_bc1;                                                            \
-        const float signal = mhat * mhat;                                                          \
-        const float shat = first ? signal : s * inv_bc3; /* ALGORITHM.md: s-hat := m-hat^2 at t=1 */\
-        const float noise = alpha * shat;                                                          \
-        const float d = fmaxf(signal - noise, 0.0f);                                               \
-        const float q = GATE == GATE_SNR ? signal / (signal + lam * noise + delta)                 \
-                      : GATE == GATE_SOFT ? d / (d + lam * shat + delta)                           \
-                      : GATE == GATE_HARD ? (signal > noise ? 1.0f : 0.0f) : 1.0f;                 \
+        /* the gate, overflow-safe (ALGORITHM.md "Numerics"): x = m-hat^2/c^2, y = s-hat/c^2 */    \
+        const float a = fabsf(m);                                                                  \
+        const float b = first ? a : sqrtf(s) * b_scale; /* t = 1: s-hat := m-hat^2 */              \
+        const float c = fmaxf(a, b), inv = 1.0f / (c > 0.0f ? c : 1.0f);                          \
+        const float ra = a * inv, rb = b * inv;                                                    \
+        const float x = ra * ra, y = rb * rb, tail = (tail_scale * inv) * inv;                    \
+        const int above = x > alpha * y;                                                           \
+        const float d = fmaxf(x - alpha * y, 0.0f);                                                \
+        float q = GATE == GATE_SNR ? x / (x + lam_alpha * y + tail)                                \
+                : GATE == GATE_SOFT ? d / (d + lam * y + tail)                                     \
+                : GATE == GATE_HARD ? (above ? 1.0f : 0.0f) : 1.0f;                                \
+        if (GATE != GATE_NONE && !(c > 0.0f)) q = 0.0f; /* m = s = 0 */                           \
         const float p = LOADP(param[i]) * decay - step_size * (q * m / denom);                     \
         param[i] = STOREP(p);                                                                      \
         m_buf[i] = STORES(m);                                                                      \
         v_buf[i] = STORES(v);                                                                      \
         s_buf[i] = STORES(s);                                                                      \
         if (STATS) {                                                                               \
-            sum_q += q; sum_above += signal > noise ? 1.0 : 0.0;                                   \
-            sum_signal += signal; sum_noise += noise;                                              \
+            const float mhat = m * inv_bc1, signal = mhat * mhat;                                  \
+            sum_q += q; sum_above += above ? 1.0 : 0.0;                                            \
+            sum_signal += signal; sum_noise += alpha * (first ? signal : s * inv_bc3);             \
         }                                                                                          \
     }                                                                                              \
     if (STATS) {                                                                                   \
@@ -112,7 +120,6 @@ typedef struct {
     const int64_t *rows;
     const int32_t *block_tensor;
     int64_t block;
-    void *m_buf, *v_buf, *s_buf;
     const float *steps;
     const Hyper *h;
     int gate, maximize, param_bf16, state_bf16;
@@ -129,8 +136,9 @@ static void *run_chunks(void *arg) {
         const int64_t left = row[ROW_NUMEL] - start, n = left < w->block ? left : w->block;
         char *param = (char *)(intptr_t)row[ROW_PARAM_ADDR] + start * param_size;
         const char *grad = (const char *)(intptr_t)row[ROW_GRAD_ADDR] + start * param_size;
-        const int64_t off = (row[ROW_STATE_OFFSET] + start) * state_size;
-        char *m = (char *)w->m_buf + off, *v = (char *)w->v_buf + off, *s = (char *)w->s_buf + off;
+        const int64_t off = start * state_size;
+        char *m = (char *)(intptr_t)row[ROW_EXP_AVG_ADDR] + off, *v = (char *)(intptr_t)row[ROW_EXP_AVG_SQ_ADDR] + off,
+             *s = (char *)(intptr_t)row[ROW_EXP_GRAD_VAR_ADDR] + off;
         const float step = w->steps[row[ROW_STEP_SLOT]];
         double *st = w->stats ? w->stats + STAT_COLUMNS * c : 0;
         if (!w->param_bf16 && !w->state_bf16)
@@ -155,7 +163,7 @@ static void *run_chunks(void *arg) {
  * the row of each chunk of `block` elements. stats: [nchunks][STAT_COLUMNS] or NULL. Chunks are
  * split evenly over `threads` threads, the caller's one. */
 int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nchunks, int64_t block,
-                   void *m_buf, void *v_buf, void *s_buf, const float *steps, const Hyper *h, int gate,
+                   const float *steps, const Hyper *h, int gate,
                    int maximize, int param_bf16, int state_bf16, double *stats, int threads) {
     Work work[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
@@ -163,7 +171,7 @@ int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nch
     if (threads > nchunks) threads = (int)nchunks;
     if (threads < 1) threads = 1;
     for (int i = 0; i < threads; i++) {
-        Work w = {rows, block_tensor, block, m_buf, v_buf, s_buf, steps, h, gate, maximize, param_bf16,
+        Work w = {rows, block_tensor, block, steps, h, gate, maximize, param_bf16,
                   state_bf16, stats, nchunks * i / threads, nchunks * (i + 1) / threads};
         work[i] = w;
     }
@@ -180,9 +188,9 @@ int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nch
  * below: the host checks it on load, so a stale or mismatched build is never used. */
 int64_t snr_adamw_contract(int64_t *out) {
     const int64_t values[] = {GATE_NONE, GATE_SNR, GATE_SOFT, GATE_HARD, ROW_PARAM_ADDR, ROW_GRAD_ADDR,
-                              ROW_STATE_OFFSET, ROW_NUMEL, ROW_FIRST_BLOCK, ROW_STEP_SLOT, ROW_RNG_SEED, ROW_ALIGNED,
-                              STAT_SUM_Q, STAT_COUNT_ABOVE, STAT_SUM_SIGNAL, STAT_SUM_NOISE, ROW_COLUMNS,
-                              STAT_COLUMNS, ALIGN};
+                              ROW_EXP_AVG_ADDR, ROW_EXP_AVG_SQ_ADDR, ROW_EXP_GRAD_VAR_ADDR, ROW_NUMEL,
+                              ROW_FIRST_BLOCK, ROW_STEP_SLOT, ROW_RNG_SEED, ROW_ALIGNED, STAT_SUM_Q,
+                              STAT_COUNT_ABOVE, STAT_SUM_SIGNAL, STAT_SUM_NOISE, ROW_COLUMNS, STAT_COLUMNS};
     const int64_t n = (int64_t)(sizeof values / sizeof values[0]);
     if (out)
         for (int64_t i = 0; i < n; i++) out[i] = values[i];

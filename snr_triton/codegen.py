@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .contract import GATES, STATE_DTYPES, TRITON_DTYPES
-from .flat_state import FlatState
+from .param_states import BucketStates
 from .hyperparams import DEFAULT_HYPER, Hyper
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
@@ -91,14 +91,15 @@ def capture_launch(variant: Variant) -> tuple[tuple, dict]:
                      "state_dtype": dtypes[variant.state_dtype], "track_stats": variant.track_stats,
                      "stochastic_rounding": variant.stochastic_rounding,
                      "lr": torch.tensor(1e-3) if variant.lr_tensor else 1e-3})
-    flat = FlatState(params, [0, 1], {}, hyper, torch.device("cpu"), pdt)
+    bucket = BucketStates({}, torch.device("cpu"), pdt, hyper.state_dtype)
+    slots = [bucket.new_slot(p, seed) for seed, p in enumerate(params)]
     recorder = _Recorder()
     saved = triton_backend._kernel_module
     triton_backend._kernel_module = type("Kernels", (), {"snr_adamw_kernel": recorder})
     try:
         scaler = dict(grad_scale=torch.tensor(1.0), found_inf=torch.tensor(0.0)) if variant.grad_scaler else \
             dict(grad_scale=None, found_inf=None)
-        triton_backend.step(flat, params, grads, hyper, **scaler)
+        triton_backend.step(bucket, slots, params, grads, hyper, **scaler)
     finally:
         triton_backend._kernel_module = saved
     (_, args, kwargs), = recorder.launches

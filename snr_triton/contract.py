@@ -13,15 +13,13 @@ import torch
 GATES = ("snr", "soft", "hard", "none")  # as users see them; ids are the kernels' switch values
 GATE_IDS = {"none": 0, "snr": 1, "soft": 2, "hard": 3}
 
-# States of a bucket live in flat buffers; each param's segment starts on a multiple of ALIGN
-# elements (64 bytes in fp32, 32 in bf16), which the kernels' alignment hints rely on.
-ALIGN = 16
-
 # The address table (snr_triton/tables.py), read by both fused kernels: one int64 row per active
-# tensor, and an int32 block table giving the tensor (row) of each block of BLOCK elements.
-# `aligned` is 1 when param and grad start on 16 bytes: their full blocks take the unmasked,
-# full-width path.
-ROW = ("param_addr", "grad_addr", "state_offset", "numel", "first_block", "step_slot", "rng_seed", "aligned")
+# tensor, and an int32 block table giving the tensor (row) of each block of BLOCK elements. Every
+# param has state tensors of its own (snr_triton/param_states.py), reached by address like the
+# param and its grad; `step_slot` indexes the bucket's float32 step counters. `aligned` is 1 when
+# all five addresses are 16-byte aligned: the tensor's full blocks take the unmasked, full-width path.
+ROW = ("param_addr", "grad_addr", "exp_avg_addr", "exp_avg_sq_addr", "exp_grad_var_addr", "numel", "first_block",
+       "step_slot", "rng_seed", "aligned")
 
 # Partial sums of the gate statistics, one row per program / chunk, in this column order.
 STATS = ("sum_q", "count_above", "sum_signal", "sum_noise")
@@ -37,5 +35,5 @@ def c_defines() -> dict[str, int]:
     out = {f"GATE_{name.upper()}": i for name, i in GATE_IDS.items()}
     out.update({f"ROW_{c.upper()}": i for i, c in enumerate(ROW)})
     out.update({f"STAT_{c.upper()}": i for i, c in enumerate(STATS)})
-    out.update(ROW_COLUMNS=len(ROW), STAT_COLUMNS=len(STATS), ALIGN=ALIGN)
+    out.update(ROW_COLUMNS=len(ROW), STAT_COLUMNS=len(STATS))
     return out

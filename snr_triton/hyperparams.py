@@ -79,24 +79,51 @@ def _check_scalar_tensor(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} as a tensor must be floating point, got {t.dtype}")
 
 
-def _check_lr(lr: Any) -> None:
+def _check_lr(lr: Any, read_tensors: bool) -> None:
     if isinstance(lr, torch.Tensor):
         _check_scalar_tensor("lr", lr)
-        return  # a device tensor is not read here: reading it would synchronize
+        if read_tensors:  # construction only, as torch.optim.AdamW: a step never reads a device lr
+            _check_range("lr", float(lr.item()), 0.0, None, lo_open=False)
+        return
     _check_range("lr", lr, 0.0, None, lo_open=False)
 
 
-def validate_group(group: dict[str, Any]) -> None:
-    """Raise ValueError naming the argument, its value and the valid range."""
-    _check_lr(group["lr"])
-    betas = group["betas"]
+def _check_betas(betas: Any) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    if any(tensors) and not all(tensors):
+        raise ValueError(f"betas must be both floats or both tensors (as torch.optim.AdamW), got {betas!r}")
     for i, b in enumerate(betas):
-        if isinstance(b, torch.Tensor):
+        if tensors[i]:
             _check_scalar_tensor(f"betas[{i}]", b)
-            b = b.item()  # as torch.optim.AdamW: tensor betas are read on the host
+        else:
+            _check_range(f"betas[{i}]", b, 0.0, 1.0, lo_open=False)
+
+
+def read_betas(betas: Any) -> tuple[float, float]:
+    """(beta1, beta2) as floats, range-checked; tensor betas are read on the host once, together
+    when they share a device (one synchronization for a CUDA pair, as torch.optim.AdamW's host reads)."""
+    if isinstance(betas[0], torch.Tensor):
+        if betas[0].device == betas[1].device:
+            values = torch.stack([b.reshape(()).to(torch.float64) for b in betas]).tolist()
+        else:
+            values = [b.item() for b in betas]
+    else:
+        values = [float(b) for b in betas]
+    for i, b in enumerate(values):
         _check_range(f"betas[{i}]", b, 0.0, 1.0, lo_open=False)
+    return values[0], values[1]
+
+
+def validate_group(group: dict[str, Any], *, read_tensors: bool = True) -> None:
+    """Raise ValueError naming the argument, its value and the valid range. `read_tensors` also
+    checks the values of tensor lr and betas (construction, add_param_group, load_state_dict); a
+    step checks tensor betas as it reads them (`read_betas`) and never reads a tensor lr."""
+    _check_lr(group["lr"], read_tensors)
+    _check_betas(group["betas"])
+    if read_tensors:
+        read_betas(group["betas"])
     _check_range("rho", group["rho"], 0.0, 1.0, lo_open=False)
     _check_range("eps", group["eps"], 0.0, None, lo_open=True)
     _check_range("weight_decay", group["weight_decay"], 0.0, None, lo_open=False)
@@ -125,16 +152,13 @@ def validate_runtime(group: dict[str, Any]) -> None:
             raise ValueError(f"{key} must be a bool (True or False), got {group[key]!r}")
 
 
-def _host_float(x: Any) -> float:
-    return float(x.item() if isinstance(x, torch.Tensor) else x)
-
-
 @dataclass(frozen=True)
 class Hyper:
     """One param group's settings as plain scalars: what every backend's step() receives.
 
     Built from a validated group at every step (a scheduler may have changed the group).
-    `lr` stays a tensor when the group holds one, so a device lr is never read on the host.
+    `lr` stays a tensor when the group holds one, so a device lr is never read on the host;
+    tensor betas are read once (`read_betas`), which also checks their range.
     """
 
     lr: float | torch.Tensor
@@ -157,7 +181,7 @@ class Hyper:
     def of(cls, group: dict[str, Any]) -> "Hyper":
         lr = group["lr"]
         lr = lr.reshape(()) if isinstance(lr, torch.Tensor) else float(lr)
-        beta1, beta2 = (_host_float(b) for b in group["betas"])
+        beta1, beta2 = read_betas(group["betas"])
         return cls(lr, beta1, beta2, *(float(group[k]) for k in ("rho", "eps", "weight_decay")),
                    group["gate"], float(group["alpha"]), float(group["softness"]), float(group["gate_eps"]),
                    int(group["warmup_steps"]), bool(group["maximize"]), group["state_dtype"],

@@ -1,16 +1,20 @@
 """SNRAdamW: AdamW whose every coordinate is gated by its signal-to-noise ratio.
 
 A drop-in `torch.optim.Optimizer`. The math is ALGORITHM.md; this module keeps torch.optim's
-contracts (param groups, state_dict, hooks, GradScaler, AdamW checkpoints), owns the flat
-state buffers, and runs a step in two parts: plan (validate every group, bucket the params,
-choose a backend for each bucket, all before anything changes) and run (one call of the
-backend interface per bucket, snr_triton/backend/__init__.py).
+contracts (param groups, state_dict and its hooks, GradScaler, AdamW checkpoints), owns each
+param's states (param_states.py), and runs a step in two parts: plan (validate every group,
+check every active param against what its states were made for, bucket the params, choose a
+backend for each bucket, all before anything changes) and run (one call of the backend
+interface per bucket, snr_triton/backend/__init__.py).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
+from copy import deepcopy
 from dataclasses import dataclass
+from itertools import chain
 from types import ModuleType
 from typing import Any, Callable, Iterable
 
@@ -20,43 +24,49 @@ from torch.optim import Optimizer
 
 from . import backend
 from .contract import STATS
-from .flat_state import STATE_KEYS, FlatState, as_real
 from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, validate_group, validate_runtime
+from .param_states import (STATE_KEYS, BucketStates, Slot, as_real, is_dtensor, local, real_dtype,
+                           rng_seed)
 
 # Keys of torch.optim.AdamW groups that have no meaning here.
 ADAMW_ONLY_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 STAT_KEYS = ("mean_gate", "frac_above", "signal", "noise")
 
 
-def _real_dtype(t: Tensor) -> torch.dtype:
-    return t.real.dtype if t.is_complex() else t.dtype
-
-
 @dataclass
-class Bucket:
-    """The params of one group on one device with one real dtype that have a grad this step."""
+class Work:
+    """The active params of one bucket this step, with their slots and local real views."""
 
     group_index: int
     hyper: Hyper
+    bucket: BucketStates
+    slots: list[Slot]
+    params: list[Tensor]  # the params as the user holds them (for stats)
+    real_params: list[Tensor]  # what the kernels walk: local, real
+    real_grads: list[Tensor]
+    backend: ModuleType | None = None
+
+
+@dataclass
+class _Repair:
+    """A param whose states must be (re)made before this step: new, reset, replaced, moved."""
+
+    group_index: int
+    param_index: int
+    param: Tensor
+    grad: Tensor
     device: torch.device
     dtype: torch.dtype
-    params: list[Tensor]
-    backend: ModuleType | None = None  # None when only packing states (load_state_dict)
-
-
-class _Exact:
-    """Carries a state tensor through Optimizer.load_state_dict, which would otherwise cast every
-    floating state to its param's dtype (rounding fp32 moments of a bf16 model to bf16)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
+    source: dict[str, Any]  # the state to adopt (empty: fresh)
+    entry: Any  # the dict the user sees in optimizer.state[p], refilled in place
+    old: Slot | None
+    reuse: bool = False  # the old slot still fits: only its place in the group changed
 
 
 class SNRAdamW(Optimizer):
     """AdamW with the SNR gate of Litman & Guo (2026); see ALGORITHM.md and README for the hyperparameters.
 
+    `params, lr, betas, eps, weight_decay` are positional as in torch.optim.AdamW; the rest keyword-only.
     backend: "auto" (the first available of snr_triton.backend.ORDER: Triton for CUDA tensors,
         the fused C kernel for CPU tensors, eager for what neither serves), "triton", "cpu", "eager".
     state_dtype: torch.float32 (default) or torch.bfloat16 to cut state bytes (every backend).
@@ -67,12 +77,11 @@ class SNRAdamW(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), rho: float = 0.99, eps: float = 1e-8,
-                 weight_decay: float = 1e-2, gate: str = "snr", alpha: float = 1.0,
-                 softness: float = 1.0, gate_eps: float = 1e-16, warmup_steps: int = 0,
-                 maximize: bool = False, backend: str = "auto", *,
-                 state_dtype: torch.dtype = torch.float32, stochastic_rounding: bool = False,
-                 track_stats: bool = False):
+                 betas: tuple[float, float] | tuple[Tensor, Tensor] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, rho: float = 0.99, gate: str = "snr", alpha: float = 1.0,
+                 softness: float = 1.0, gate_eps: float = 1e-16, warmup_steps: int = 0, maximize: bool = False,
+                 backend: str = "auto", state_dtype: torch.dtype = torch.float32,
+                 stochastic_rounding: bool = False, track_stats: bool = False):
         defaults = dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay, gate=gate,
                         alpha=alpha, softness=softness, gate_eps=gate_eps, warmup_steps=warmup_steps,
                         maximize=maximize, backend=backend, state_dtype=state_dtype,
@@ -83,14 +92,14 @@ class SNRAdamW(Optimizer):
 
     # ----------------------------------------------------------------- groups
     @staticmethod
-    def _hyper(group: dict[str, Any], where: str = "") -> Hyper:
+    def _hyper(group: dict[str, Any], where: str = "", *, read_tensors: bool = True) -> Hyper:
         """Validate a group (ValueError naming the argument and the valid choices) and freeze it."""
         try:
-            validate_group(group)
+            validate_group(group, read_tensors=read_tensors)
             validate_runtime(group)
+            return Hyper.of(group)
         except ValueError as e:
             raise ValueError(f"{e}{where}") from None
-        return Hyper.of(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check a merged copy first: a rejected group must not be half-added.
@@ -99,10 +108,18 @@ class SNRAdamW(Optimizer):
         hyper = self._hyper(merged, where)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        for p in params:
-            p = p[1] if isinstance(p, tuple) else p  # named parameters: (name, tensor)
-            if isinstance(p, Tensor):
-                self._choose(merged["backend"], p.device, _real_dtype(p), hyper, where)
+        seen: dict[int, int] = {}
+        for i, p in enumerate(params):
+            name, p = (p[0], p[1]) if isinstance(p, tuple) else (None, p)  # named parameters: (name, tensor)
+            if not isinstance(p, Tensor):
+                continue
+            if id(p) in seen:
+                named = f" ({name!r})" if name is not None else ""
+                raise ValueError(f"param {i}{named} of param group {len(self.param_groups)} is the same tensor as "
+                                 f"param {seen[id(p)]} of that group: each param may appear once (it would be "
+                                 "stepped twice)")
+            seen[id(p)] = i
+            self._choose(merged["backend"], p.device, real_dtype(p), hyper, where)
         super().add_param_group({**param_group, "params": params})
 
     @staticmethod
@@ -116,12 +133,17 @@ class SNRAdamW(Optimizer):
         """Which backend steps `param`: "triton", "cpu" or "eager"."""
         for group in self.param_groups:
             if any(p is param for p in group["params"]):
-                return backend.choose(group["backend"], param.device, _real_dtype(param), Hyper.of(group))[0]
+                return backend.choose(group["backend"], param.device, real_dtype(param), Hyper.of(group))[0]
         raise KeyError("param is not in this optimizer")
 
     # ----------------------------------------------------------------- state
     def _reset_caches(self) -> None:
-        self._flat: dict[tuple, FlatState] = {}
+        self._slots: dict[Tensor, Slot] = {}  # every param's slot: the slow path's
+        # [group, [slot of each of its params or None]] by group index: the step's cheap path finds
+        # slots by position, never through a dict keyed by tensors (torch.compile would guard on
+        # the grads of its keys, and recompile whenever zero_grad() frees one)
+        self._group_slots: list[list] = []
+        self._buckets: dict[tuple, BucketStates] = {}
         # The last step's gate statistics: "stats" holds (group index, params, numels, device sums per
         # param). step() only mutates this dict, never assigns an attribute of the optimizer: dynamo
         # in torch 2.11 fails on attribute assignment to an optimizer (pytorch/pytorch#171590).
@@ -138,15 +160,24 @@ class SNRAdamW(Optimizer):
         """This optimizer's defaults for its own keys (torch adds others, e.g. `differentiable`)."""
         return {k: self.defaults.get(k, v) for k, v in {**DEFAULTS, **RUNTIME_DEFAULTS}.items()}
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load ours or a torch.optim.AdamW state dict (its exp_grad_var is derived, ALGORITHM.md).
 
-        States keep their values exactly: they are stored in this optimizer's `state_dtype`
-        (a bf16 checkpoint into fp32 states is exact; fp32 into bf16 rounds to nearest), never
-        cast to the param's dtype. Everything is checked before anything changes.
+        In torch's order: the pre-hooks (which may repair the checkpoint), then the checks and the
+        loading, then the post-hooks, which see the final state (tensors of the param's shape).
+        States keep their values exactly: they are stored in this optimizer's `state_dtype` (a bf16
+        checkpoint into fp32 states is exact; fp32 into bf16 rounds to nearest), never cast to the
+        param's dtype. Everything is checked before anything changes.
         """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         groups = []
-        for i, saved in enumerate(state_dict["param_groups"]):
+        saved_groups = deepcopy(state_dict["param_groups"])
+        for i, saved in enumerate(saved_groups):
             group = {k: v for k, v in saved.items() if k not in ADAMW_ONLY_KEYS}
             if saved.get("amsgrad"):
                 warnings.warn("loading an AdamW state dict with amsgrad=True: SNRAdamW has no amsgrad; "
@@ -158,18 +189,26 @@ class SNRAdamW(Optimizer):
             self._hyper(group, f" (param group {i} of the state dict)")
             groups.append(group)
         self._check_saved_states(state_dict)
-        wrapped = {k: {key: _Exact(v) for key, v in st.items()} for k, st in state_dict["state"].items()}
-        super().load_state_dict({**state_dict, "param_groups": groups, "state": wrapped})
-        for p, st in self.state.items():
-            device = p.device if isinstance(p, Tensor) else None
-            self.state[p] = {k: _unwrap(v, device) for k, v in st.items()}
-        self._reset_caches()
-        # Pack now, so state (exp_grad_var of an AdamW checkpoint included) is complete at once.
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        state: defaultdict[Any, dict] = defaultdict(dict)
+        for k, v in state_dict["state"].items():
+            state[id_map.get(k, k)] = dict(v) if k in id_map else v
+        for old, new in zip(self.param_groups, groups):
+            new["params"] = old["params"]
+            if "param_names" in old and "param_names" not in new:
+                new["param_names"] = old["param_names"]
+        self.__setstate__({"state": state, "param_groups": groups})
+        # Make every param's states now, so state (an AdamW checkpoint's exp_grad_var included) is final.
+        repairs = []
         for gi, group in enumerate(self.param_groups):
-            hyper = Hyper.of(group)
-            keys = {(p.device, _real_dtype(p)) for p in group["params"] if p in self.state}
-            for device, dtype in keys:
-                self._flat_state(Bucket(gi, hyper, device, dtype, []))
+            for i, p in enumerate(group["params"]):
+                if self.state.get(p):
+                    repairs.append(_Repair(gi, i, p, p, local(p).device, real_dtype(p), dict(self.state[p]),
+                                           self.state[p], None))
+        self._apply(repairs)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _check_saved_states(self, state_dict: dict[str, Any]) -> None:
         """Shapes and keys of a checkpoint's states against this optimizer's params."""
@@ -185,41 +224,56 @@ class SNRAdamW(Optimizer):
             params.update(zip(saved["params"], group["params"]))
         for pid, st in state_dict["state"].items():
             p = params.get(pid)
-            if p is None or not st:
-                continue
-            missing = {"step", "exp_avg", "exp_avg_sq"} - set(st)
-            if missing:
-                raise ValueError(f"the state of param {pid} lacks {', '.join(sorted(missing))} "
-                                 f"(needs step, exp_avg, exp_avg_sq; exp_grad_var optional)")
-            for key in STATE_KEYS:
-                if key in st and as_real(st[key]).shape != as_real(p).shape and st[key].shape != p.shape:
-                    raise ValueError(f"state {key!r} of param {pid} has shape {tuple(st[key].shape)}, "
-                                     f"its param {tuple(p.shape)}")
+            if p is not None:
+                _check_state(p, st, f"param {pid}", "")
 
     def _param_ids(self) -> dict[Tensor, int]:
         """Each param's index across groups, as in state_dict()."""
         params = (p for group in self.param_groups for p in group["params"])
         return {p: i for i, p in enumerate(params)}
 
-    def _flat_state(self, bucket: Bucket) -> FlatState:
-        """The flat states of a bucket; (re)built, adopting every existing state, when the bucket
-        gained a param, a param's states were re-packed elsewhere, or state_dtype changed."""
-        key = (bucket.group_index, bucket.device, bucket.dtype)
-        flat = self._flat.get(key)
-        if flat is not None and flat.serves(bucket.params, self.state, bucket.hyper.state_dtype):
-            return flat
-        group = self.param_groups[bucket.group_index]
-        chosen = set(bucket.params)
-        members = [p for p in group["params"] if (p in chosen or p in self.state)
-                   and (p.device, _real_dtype(p)) == (bucket.device, bucket.dtype)]
-        ids = self._param_ids()
-        flat = FlatState(members, [ids[p] for p in members], self.state, bucket.hyper, bucket.device,
-                         bucket.dtype)
-        self._flat[key] = flat
-        for other_key, other in list(self._flat.items()):  # drop buckets that own no state any more
-            if not any(self.state.get(p) is e for p, e in zip(other.params, other.entries)):
-                del self._flat[other_key]
-        return flat
+    def _bucket(self, group: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                state_dtype: torch.dtype) -> BucketStates:
+        key = (id(group), device, dtype, state_dtype)
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket.group is not group:
+            bucket = self._buckets[key] = BucketStates(group, device, dtype, state_dtype)
+        return bucket
+
+    def _apply(self, repairs: list[_Repair]) -> list[Slot]:
+        """Make the states of checked repairs: a new slot per param, adopting the state given (none:
+        fresh zeros). Nothing here can fail on user input: `_plan` checked it all."""
+        ids = self._param_ids() if repairs else {}
+        made = []
+        for r in repairs:
+            group = self.param_groups[r.group_index]
+            if r.reuse:
+                slot = r.old
+            else:
+                hyper = Hyper.of(group)
+                bucket = self._bucket(group, r.device, r.dtype, hyper.state_dtype)
+                slot = bucket.new_slot(r.param, rng_seed(ids[r.param]))
+                slot.adopt(r.source, hyper)
+                self.state[r.param] = slot.show(r.entry if isinstance(r.entry, dict) else None)
+                self._slots[r.param] = slot
+                if r.old is not None:
+                    r.old.bucket.release(r.old)
+            self._place(r.group_index, r.param_index, slot)
+            made.append(slot)
+        for key, bucket in list(self._buckets.items()):  # buckets that own no state any more
+            if not bucket.live():
+                del self._buckets[key]
+        return made
+
+    def _place(self, gi: int, i: int, slot: Slot) -> None:
+        """Record `slot` as that of param i of group gi, for the step's cheap path."""
+        group = self.param_groups[gi]
+        while len(self._group_slots) <= gi:
+            self._group_slots.append([None, []])
+        record = self._group_slots[gi]
+        if record[0] is not group or len(record[1]) != len(group["params"]):
+            record[0], record[1] = group, [None] * len(group["params"])
+        record[1][i] = slot
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -238,32 +292,99 @@ class SNRAdamW(Optimizer):
         self._run(self._plan(), grad_scale, found_inf)
         return loss
 
-    def _plan(self) -> list[Bucket]:
-        """Validate every group and choose every bucket's backend; raises before anything changes."""
-        plan = []
+    def _plan(self) -> list[Work]:
+        """Validate every group, check every active param against its slot, choose every bucket's
+        backend; raises before anything changes. What users change between steps (p.data resized
+        or re-laid out, a state replaced or deleted, a param new to a bucket or moved to another
+        device, dtype, group or state dtype) fails the cheap check (`Slot.fits`) and is checked in
+        full here, then adopted, or refused with an error naming the param."""
+        works: dict[int, Work] = {}
+        repairs: list[_Repair] = []
+        group_slots = self._group_slots  # self.state only after p: torch.compile's guards name each
+        # tensor by the first place the step reaches it, and a param reached first as a key of
+        # self.state would have its grad guarded by identity (a recompile whenever zero_grad frees it)
         for gi, group in enumerate(self.param_groups):
-            where = f" (param group {gi})"
-            hyper = self._hyper(group, where)
-            buckets: dict[tuple, list[Tensor]] = {}
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
+            hyper = self._hyper(group, f" (param group {gi})", read_tensors=False)
+            sdt = hyper.state_dtype
+            params = group["params"]
+            record = group_slots[gi] if gi < len(group_slots) else None
+            slots = record[1] if record is not None and record[0] is group and len(record[1]) == len(params) \
+                else None
+            for i, p in enumerate(params):
+                g = p.grad
+                if g is None:
                     continue
-                _check_grad(p, p.grad, f" (param {i} of param group {gi})")
-                buckets.setdefault((p.device, _real_dtype(p)), []).append(p)
-            for (device, dtype), params in buckets.items():
-                _, module = self._choose(group["backend"], device, dtype, hyper, where)
-                plan.append(Bucket(gi, hyper, device, dtype, params, module))
+                slot = slots[i] if slots is not None else None
+                if slot is not None and slot.param is p and slot.bucket.group is group and slot.bucket.requested is sdt \
+                        and slot.fits(p, g, self.state.get(p)):
+                    work = works.get(slot.bucket.handle)
+                    if work is None:
+                        work = works[slot.bucket.handle] = Work(gi, hyper, slot.bucket, [], [], [], [])
+                    work.slots.append(slot)
+                    work.params.append(p)
+                    if slot.plain:
+                        work.real_params.append(p)
+                        work.real_grads.append(g)
+                    else:
+                        work.real_params.append(as_real(p))
+                        work.real_grads.append(_local_grad(p, g, slot.real_shape, f" (param {i} of param group {gi})"))
+                else:
+                    repairs.append(self._check_repair(gi, i, p, g, slot))
+        if repairs:
+            for r, slot in zip(repairs, self._apply(repairs)):  # in group order: after the params above
+                group = self.param_groups[r.group_index]
+                work = works.get(slot.bucket.handle)
+                if work is None:
+                    work = works[slot.bucket.handle] = Work(r.group_index, self._hyper(group, read_tensors=False),
+                                                            slot.bucket, [], [], [], [])
+                work.slots.append(slot)
+                work.params.append(r.param)
+                work.real_params.append(as_real(r.param))
+                work.real_grads.append(_local_grad(r.param, r.grad, slot.real_shape, ""))
+        plan = list(works.values())
+        for work in plan:
+            _check_once(work)
+            group = self.param_groups[work.group_index]
+            where = f" (param group {work.group_index})"
+            _, work.backend = self._choose(group["backend"], work.bucket.device, work.bucket.dtype, work.hyper, where)
         return plan
 
-    def _run(self, plan: list[Bucket], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _check_repair(self, gi: int, i: int, p: Tensor, g: Tensor, slot: Slot | None) -> _Repair:
+        """Check in full a param that failed the cheap check; raises (naming it) what cannot be adopted."""
+        where = f" (param {i} of param group {gi})"
+        _check_grad(p, g, where)
+        others = [k for k, group in enumerate(self.param_groups) if k != gi and any(q is p for q in group["params"])]
+        if others:
+            raise ValueError(f"param {i} of param group {gi} is also in param group {others[0]}: a param may "
+                             "belong to one group only")
+        if any(q is p for q in self.param_groups[gi]["params"][:i]):
+            raise ValueError(f"param {i} of param group {gi} appears twice in that group: each param may appear "
+                             "once (it would be stepped twice)")
+        real = as_real(p)
+        self._choose(self.param_groups[gi]["backend"], real.device, real_dtype(p),
+                               self._hyper(self.param_groups[gi], read_tensors=False), f" (param group {gi})")
+        entry = self.state.get(p)
+        group = self.param_groups[gi]
+        slot = self._slots.get(p)  # by param: the list by position may be stale
+        if slot is not None and slot.param is p and slot.bucket.group is group \
+                and slot.bucket.requested is self._hyper(group, read_tensors=False).state_dtype and slot.fits(p, g, entry):
+            # only its place changed (groups reordered, params added to the group): keep the slot
+            return _Repair(gi, i, p, g, real.device, real_dtype(p), {}, entry, slot, reuse=True)
+        source = dict(entry) if entry else {}
+        if source:
+            _check_state(p, source, f"param {i} of param group {gi}",
+                         " (the param changed shape since its state was made? torch.optim.AdamW refuses this "
+                         "too; reset the state with `del optimizer.state[p]`, or give the param back its shape)")
+        _local_grad(p, g, real.shape, where)  # a DTensor grad this step cannot use: refused now
+        return _Repair(gi, i, p, g, real.device, real_dtype(p), source, entry, slot)
+
+    def _run(self, plan: list[Work], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         self._last["stats"], self._last["found_inf"] = [], found_inf
-        for bucket in plan:
-            flat = self._flat_state(bucket)
-            sums = bucket.backend.step(flat, bucket.params, [p.grad for p in bucket.params], bucket.hyper,
-                                       grad_scale=grad_scale, found_inf=found_inf)
+        for work in plan:
+            sums = work.backend.step(work.bucket, work.slots, work.real_params, work.real_grads, work.hyper,
+                                     grad_scale=grad_scale, found_inf=found_inf)
             if sums is not None:  # kept on the device; read only by stats()
-                numels = [flat.numels[flat.index[p]] for p in bucket.params]
-                self._last["stats"].append((bucket.group_index, bucket.params, numels, sums))
+                self._last["stats"].append((work.group_index, work.params, [s.numel for s in work.slots], sums))
 
     # ----------------------------------------------------------------- monitor
     def stats(self, per_param: bool = False) -> dict[str, Any]:
@@ -304,6 +425,19 @@ class SNRAdamW(Optimizer):
         return out
 
 
+def _check_once(work: Work) -> None:
+    """A param listed twice in a group (appended to group["params"] after construction) would be
+    stepped twice in one launch: refused. Checked once per active set."""
+    key = tuple(s.index for s in work.slots)
+    if key in work.bucket.checked:
+        return
+    if len(set(key)) != len(key):
+        twice = next(s for k, s in enumerate(work.slots) if s.index in key[:k])
+        raise ValueError(f"a param of shape {tuple(twice.shape)} appears twice in param group {work.group_index}: "
+                         "each param may appear once (it would be stepped twice)")
+    work.bucket.checked.add(key)
+
+
 def _check_grad(p: Tensor, g: Tensor, where: str) -> None:
     """The kernels read a grad as the param's dtype and layout: anything else is refused up front."""
     if g.is_sparse:
@@ -312,14 +446,48 @@ def _check_grad(p: Tensor, g: Tensor, where: str) -> None:
     if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
         raise RuntimeError(f"grad does not match its param{where}: grad {g.dtype} {tuple(g.shape)} on "
                            f"{g.device}, param {p.dtype} {tuple(p.shape)} on {p.device}; they must agree")
+    if is_dtensor(p) != is_dtensor(g):
+        raise RuntimeError(f"grad does not match its param{where}: one is a DTensor, the other is not")
 
 
-def _unwrap(value: Any, device: torch.device | None) -> Any:
-    if isinstance(value, _Exact):
-        value = value.value
-        if isinstance(value, Tensor) and device is not None:
-            value = value.to(device=device)
-    return value
+def _local_grad(p: Tensor, g: Tensor, real_shape: torch.Size, where: str) -> Tensor:
+    """The local real grad to step `p`'s local shard with. A DTensor grad with other placements than
+    its param (Replicate or Partial next to a Shard param) is redistributed to the param's, as
+    torch.optim does through DTensor ops; its local shape must then be the param's."""
+    if is_dtensor(g):
+        if g.device_mesh != p.device_mesh:
+            raise RuntimeError(f"grad does not match its param{where}: the grad lives on another device mesh")
+        if g.placements != p.placements:
+            g = g.redistribute(p.device_mesh, p.placements)
+    rg = as_real(g)
+    if rg.shape != real_shape:
+        raise RuntimeError(f"grad does not match its param{where}: local shard {tuple(rg.shape)}, the "
+                           f"param's {tuple(real_shape)}")
+    return rg
+
+
+def _check_state(p: Tensor, st: Any, name: str, hint: str) -> None:
+    """A state (a checkpoint's, or one edited by hand) that this param's states can adopt."""
+    if not isinstance(st, dict):
+        raise ValueError(f"the state of {name} must be a dict, got {type(st).__name__}")
+    if not st:
+        return
+    missing = {"step", "exp_avg", "exp_avg_sq"} - set(st)
+    if missing:
+        raise ValueError(f"the state of {name} lacks {', '.join(sorted(missing))} "
+                         f"(needs step, exp_avg, exp_avg_sq; exp_grad_var optional)")
+    for key in STATE_KEYS:
+        if key not in st:
+            continue
+        value = st[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"state {key!r} of {name} must be a tensor, got {type(value).__name__}")
+        if as_real(value).shape != as_real(p).shape and value.shape != p.shape:
+            raise ValueError(f"state {key!r} of {name} has shape {tuple(value.shape)}, its param "
+                             f"{tuple(p.shape)}{hint}")
+    step = st["step"]
+    if isinstance(step, Tensor) and step.numel() != 1:
+        raise ValueError(f"state 'step' of {name} must hold one number, got shape {tuple(step.shape)}")
 
 
 def _stats_dict(sums: Tensor | None) -> dict[str, float]:

@@ -1,10 +1,12 @@
 """Address tables: where a fused kernel finds each active tensor of a bucket.
 
-Params and grads are read where they are, through int64 addresses, so the host never
-copies them into a flat buffer. A table is built once and rebuilt only when a storage
-moves (a new grad after zero_grad(set_to_none=True), `p.data = ...`, another active set):
-the per-step host work is one tuple comparison of data pointers. Both fused kernels read
-the same layout (contract.ROW).
+Params, grads and states are read where they are, through int64 addresses, so the host never
+copies them into a flat buffer. A `BlockMap` (rows and block table) depends only on which slots
+are active and their sizes: it is built once per active set (a few kept per bucket). Each step
+then compares the param and grad addresses with the last ones and, when a storage moved (a
+fresh grad after `zero_grad()`, `p.data = ...`), refreshes only those columns: on CPU in place,
+on CUDA by one non-blocking copy from pinned memory. No step reads anything back from the device.
+Both fused kernels read the same layout (contract.ROW).
 """
 
 from __future__ import annotations
@@ -12,70 +14,123 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import ROW
-from .flat_state import FlatState, as_real, is_dense
+from .contract import ROW, STATS
+from .param_states import MAPS_KEPT, BucketStates, Slot
+
+P, G, M, V, S = (ROW.index(c) for c in ("param_addr", "grad_addr", "exp_avg_addr", "exp_avg_sq_addr",
+                                         "exp_grad_var_addr"))
+ALIGNED = ROW.index("aligned")
+
+# How often each kind of host work ran (tests count them; nothing reads them on the step's path).
+counters = {"maps_built": 0, "addresses_refreshed": 0, "stand_in_copies": 0}
 
 
-class Operands:
-    """What a fused kernel walks this step: local real views of params and grads, one linear index
-    each. A param that is not dense gets a contiguous stand-in, copied back by `write_back()`
-    after the kernel; a grad with other strides than its param gets a copy in the param's layout.
-    Keep this object alive until the kernel has run: the table points into those copies."""
+class BlockMap:
+    """The kernel's view of one active set: rows (contract.ROW) and the row of each block."""
 
-    def __init__(self, params: list[Tensor], grads: list[Tensor], slots: list[int]):
-        self.params = [as_real(p) for p in params]
-        self.grads = [as_real(g) for g in grads]
-        self._stand_ins = []
-        for k, (p, g) in enumerate(zip(self.params, self.grads)):
-            if not is_dense(p):
-                self.params[k], self.grads[k] = p.contiguous(), g.contiguous()
-                self._stand_ins.append((p, self.params[k]))
-            elif g.stride() != p.stride():
-                self.grads[k] = torch.empty_like(p).copy_(g)
-        self.key = (tuple(slots), tuple(p.data_ptr() for p in self.params),
-                    tuple(g.data_ptr() for g in self.grads))
-
-    def write_back(self) -> None:
-        for dst, src in self._stand_ins:
-            dst.copy_(src)
-
-
-class AddressTable:
-    """Rows (contract.ROW) of the active tensors and the tensor of each block of `block` elements."""
-
-    def __init__(self, key: tuple, flat: FlatState, params: list[Tensor], grads: list[Tensor],
-                 slots: list[int], block: int):
+    def __init__(self, bucket: BucketStates, slots: list[Slot], block: int):
+        counters["maps_built"] += 1
+        self.device = bucket.device
         rows, block_tensor = [], []
-        for j, (p, g, slot) in enumerate(zip(params, grads, slots)):
-            aligned = p.data_ptr() % 16 == 0 and g.data_ptr() % 16 == 0
-            rows.append([p.data_ptr(), g.data_ptr(), flat.offsets[slot], p.numel(), len(block_tensor), slot,
-                         flat.seeds[slot], int(aligned)])
-            block_tensor.extend([j] * -(-p.numel() // block))
-        self.key = key
-        self.block = block
-        self.numel = sum(p.numel() for p in params)
-        self.rows = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(ROW)).to(flat.device)
-        self.block_tensor = torch.tensor(block_tensor, dtype=torch.int32).to(flat.device)
+        for j, slot in enumerate(slots):
+            m, v, s = (t.data_ptr() for t in slot.real)
+            rows.append([0, 0, m, v, s, slot.numel, len(block_tensor), slot.index, slot.seed, 0])
+            block_tensor.extend([j] * -(-slot.numel // block))
+        self.static = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(ROW))
+        self.numel = sum(slot.numel for slot in slots)
         self.num_blocks = len(block_tensor)
-        self.all_active = list(slots) == list(range(len(flat.params)))
-        self.slots = torch.tensor(slots, dtype=torch.int64).to(flat.device)
-        self.stats: Tensor | None = None  # per-block partial sums (contract.STATS), made on first use
+        self.block_tensor = torch.tensor(block_tensor, dtype=torch.int32).to(bucket.device)
+        indices = [slot.index for slot in slots]
+        # step += 1 for the active slots: one op; a plain add_ when they are the first n in order
+        self.step_prefix = len(indices) if indices == list(range(len(indices))) else None
+        self.step_index = torch.tensor(indices, dtype=torch.int64).to(bucket.device)
+        self.rows = self.static.clone() if bucket.device.type == "cpu" else \
+            torch.empty_like(self.static, device=bucket.device)
+        self.addresses: list[int] | None = None  # what the rows point at: [param, grad] * n (+ states)
+        self.keep: list[Tensor] = []  # pinned sources of copies a CUDA graph may replay
+        self.partials: Tensor | None = None  # per-block partial stats sums, made on first use
+
+    def refresh(self, addresses: list[int], states: list[int] | None = None) -> None:
+        """Point the rows at these param and grad addresses ([p0, g0, p1, g1, ...]) and, when given
+        ([m0, v0, s0, m1, ...]: under torch.compile the op may be handed copies of the states), at
+        those state addresses instead of the slots' own."""
+        key = addresses if states is None else addresses + states
+        if key == self.addresses:
+            return
+        counters["addresses_refreshed"] += 1
+        host = self.static.clone() if self.device.type != "cpu" else self.rows
+        pg = torch.tensor(addresses, dtype=torch.int64).view(-1, 2)
+        host[:, P], host[:, G] = pg[:, 0], pg[:, 1]
+        host[:, M:S + 1] = self.static[:, M:S + 1] if states is None else \
+            torch.tensor(states, dtype=torch.int64).view(-1, 3)
+        host[:, ALIGNED] = ((host[:, P] | host[:, G] | host[:, M] | host[:, V] | host[:, S]) & 15) == 0
+        if self.device.type != "cpu":  # on CPU the kernel runs on this thread: updated in place
+            host = host.pin_memory()
+            # stream-ordered after the previous step's launch; the caching host allocator keeps the
+            # pinned block until the copy has run. Under CUDA-graph capture the source must outlive
+            # the graph: keep it.
+            self.rows.copy_(host, non_blocking=True)
+            if torch.cuda.is_current_stream_capturing():
+                self.keep.append(host)
+        self.addresses = key
 
     def count_step(self, steps: Tensor) -> None:
-        """step += 1 for the active tensors: one op, no host read."""
-        if self.all_active:
-            steps.add_(1)
+        """step += 1 for the active slots: one device op, no host read."""
+        if self.step_prefix is not None:
+            steps[:self.step_prefix].add_(1)
         else:
-            steps.index_add_(0, self.slots, torch.ones_like(self.slots, dtype=steps.dtype))
+            steps.index_add_(0, self.step_index, torch.ones_like(self.step_index, dtype=steps.dtype))
+
+    def partial_sums(self, dtype: torch.dtype) -> Tensor:
+        if self.partials is None or self.partials.dtype != dtype:
+            self.partials = torch.zeros(self.num_blocks, len(STATS), dtype=dtype, device=self.device)
+        return self.partials
 
 
-def table_for(backend: str, flat: FlatState, params: list[Tensor], grads: list[Tensor], slots: list[int],
-              block: int):
-    """The operands of this step and the bucket's cached table for `backend`, rebuilt if stale.
-    `slots` place params in the bucket (a compiled step hands the kernel other tensor objects)."""
-    operands = Operands(params, grads, slots)
-    table = flat.tables.get(backend)
-    if table is None or table.key != operands.key:
-        table = flat.tables[backend] = AddressTable(operands.key, flat, operands.params, operands.grads,
-                                                    slots, block)
-    return table, operands
+def operands(slots: list[Slot], params: list[Tensor], grads: list[Tensor]) -> tuple[list[int], list]:
+    """The addresses the kernel reads this step ([p0, g0, ...]) and the stand-ins to copy back.
+
+    A param that is not dense is stepped in a contiguous stand-in (kept with its slot, so its
+    address does not move), copied back by `write_back`; a grad laid out otherwise than its
+    param is copied into a stand-in in the param's layout."""
+    addresses, back = [], []
+    for slot, p, g in zip(slots, params, grads):
+        if not slot.dense:
+            sp = slot.stand_in.get("param")
+            if sp is None:
+                sp = slot.stand_in["param"] = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                slot.stand_in["grad"] = torch.empty_like(sp)
+            sp.copy_(p)
+            slot.stand_in["grad"].copy_(g)
+            counters["stand_in_copies"] += 1
+            back.append((p, sp))
+            addresses += (sp.data_ptr(), slot.stand_in["grad"].data_ptr())
+            continue
+        if g.stride() != slot.real_stride:
+            sg = slot.stand_in.get("grad")
+            if sg is None:
+                sg = slot.stand_in["grad"] = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype,
+                                                                 device=p.device)
+            sg.copy_(g)
+            counters["stand_in_copies"] += 1
+            g = sg
+        addresses += (p.data_ptr(), g.data_ptr())
+    return addresses, back
+
+
+def write_back(back: list) -> None:
+    for dst, src in back:
+        dst.copy_(src)
+
+
+def block_map(bucket: BucketStates, indices: list[int], block: int) -> BlockMap:
+    """The bucket's map for this active set (the slots at `indices`), built on first use."""
+    key = (block, *indices)
+    table = bucket.maps.get(key)
+    if table is None:
+        if len(bucket.maps) >= MAPS_KEPT:
+            bucket.maps.popitem(last=False)
+        table = bucket.maps[key] = BlockMap(bucket, [bucket.slots[i] for i in indices], block)
+    else:
+        bucket.maps.move_to_end(key)
+    return table

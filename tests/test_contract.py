@@ -19,22 +19,26 @@ def test_triton_kernel_constants_are_the_contract():
     km = kernel_module()
     for name, i in contract.GATE_IDS.items():
         assert getattr(km, f"GATE_{name.upper()}").value == i
-    columns = {"PARAM_ADDR": "param_addr", "GRAD_ADDR": "grad_addr", "STATE_OFFSET": "state_offset",
-               "NUMEL": "numel", "FIRST_BLOCK": "first_block", "STEP_SLOT": "step_slot", "RNG_SEED": "rng_seed",
-               "ALIGNED": "aligned"}
+    columns = {"PARAM_ADDR": "param_addr", "GRAD_ADDR": "grad_addr", "EXP_AVG_ADDR": "exp_avg_addr",
+               "EXP_AVG_SQ_ADDR": "exp_avg_sq_addr", "EXP_GRAD_VAR_ADDR": "exp_grad_var_addr", "NUMEL": "numel",
+               "FIRST_BLOCK": "first_block", "STEP_SLOT": "step_slot", "RNG_SEED": "rng_seed", "ALIGNED": "aligned"}
     for const, column in columns.items():
         assert getattr(km, const).value == contract.ROW.index(column)
     assert km.ROW_COLUMNS.value == len(contract.ROW) and km.STAT_COLUMNS.value == len(contract.STATS)
-    assert km.ALIGN.value == contract.ALIGN
 
 
-def test_flat_state_segments_honour_the_alignment():
-    from snr_triton.flat_state import FlatState
+def test_states_are_the_params_own_and_aligned_for_the_fast_path():
+    """Each param's states are tensors of its own size (torch.save of one entry writes that
+    entry), laid out like the param, and start on 16 bytes (the kernels' unmasked path)."""
+    from snr_triton.param_states import BucketStates
 
-    params = [torch.zeros(n) for n in (1, 17, 0, 33)]
-    flat = FlatState(params, [0, 1, 2, 3], {}, DEFAULT_HYPER, torch.device("cpu"), torch.float32)
-    assert all(off % contract.ALIGN == 0 for off in flat.offsets)
-    assert all(buf.data_ptr() % (contract.ALIGN * 4) == 0 for buf in flat.buffers.values())
+    params = [torch.zeros(n) for n in (1, 17, 0, 33)] + [torch.zeros(3, 5).t()]
+    bucket = BucketStates({}, torch.device("cpu"), torch.float32, torch.float32)
+    for i, p in enumerate(params):
+        slot = bucket.new_slot(p, i)
+        for t in slot.real:
+            assert t.untyped_storage().nbytes() == p.numel() * 4 and t.stride() == p.stride()
+            assert t.data_ptr() % 16 == 0 or p.numel() == 0
 
 
 def test_gate_names_are_the_contract():

@@ -5,9 +5,9 @@ Every backend module exposes the same two functions:
     unavailable_reason(device, dtype, hyper) -> str | None
         None when it can step params of this (real) dtype on this device with these settings,
         else what to do instead.
-    step(flat, params, grads, hyper, *, grad_scale, found_inf) -> Tensor | None
-        One step of the active `params` (with `grads`) of one bucket, whose states `flat`
-        holds; returns, when hyper.track_stats, the gate statistics' sums per param on the
+    step(bucket, slots, params, grads, hyper, *, grad_scale, found_inf) -> Tensor | None
+        One step of the active `params` (local real views, with their `grads`) of one bucket
+        (param_states.BucketStates), whose states their `slots` hold; returns, when hyper.track_stats, the gate statistics' sums per param on the
         device (shape [len(params), len(contract.STATS)]), else None. A non-zero found_inf
         makes it a no-op.
 

@@ -11,7 +11,6 @@ and an unwritable cache directory falls back to a private temporary one.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import shutil
@@ -24,10 +23,9 @@ import torch
 from torch import Tensor
 
 from .. import fused_op
-from ..contract import CPU_DTYPES, GATE_IDS, STATS, c_defines
-from ..flat_state import FlatState
+from ..contract import CPU_DTYPES, GATE_IDS, c_defines
 from ..hyperparams import Hyper
-from ..tables import table_for
+from ..param_states import BucketStates, Slot
 from . import Degraded, kernel_file
 
 CHUNK = 1 << 15  # elements per work item: large enough to amortize, small enough to balance threads
@@ -37,9 +35,9 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared
           "-std=c11"]
 # The order in which snr_adamw_contract() reports the defines it was compiled with.
 _CONTRACT_ORDER = ("GATE_NONE", "GATE_SNR", "GATE_SOFT", "GATE_HARD", "ROW_PARAM_ADDR", "ROW_GRAD_ADDR",
-                   "ROW_STATE_OFFSET", "ROW_NUMEL", "ROW_FIRST_BLOCK", "ROW_STEP_SLOT", "ROW_RNG_SEED", "ROW_ALIGNED",
-                   "STAT_SUM_Q", "STAT_COUNT_ABOVE", "STAT_SUM_SIGNAL", "STAT_SUM_NOISE", "ROW_COLUMNS",
-                   "STAT_COLUMNS", "ALIGN")
+                   "ROW_EXP_AVG_ADDR", "ROW_EXP_AVG_SQ_ADDR", "ROW_EXP_GRAD_VAR_ADDR", "ROW_NUMEL",
+                   "ROW_FIRST_BLOCK", "ROW_STEP_SLOT", "ROW_RNG_SEED", "ROW_ALIGNED", "STAT_SUM_Q",
+                   "STAT_COUNT_ABOVE", "STAT_SUM_SIGNAL", "STAT_SUM_NOISE", "ROW_COLUMNS", "STAT_COLUMNS")
 
 _library: ctypes.CDLL | None = None
 _library_error: str | None = None
@@ -139,6 +137,8 @@ def _build(path: Path) -> None:
 def _cached_library() -> Path:
     """Path of a verified library: built once under an exclusive lock, rebuilt when the file does
     not match the checksum written after its compile (truncated, corrupted, half-copied)."""
+    import fcntl  # POSIX only: imported where it is used, so this module imports everywhere
+
     root = _writable_cache()
     path = root / library_name()
     with open(root / f"{path.name}.lock", "w") as lock:
@@ -170,47 +170,38 @@ def load_library() -> ctypes.CDLL:
     fn = lib.snr_adamw_step
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Hyper), ctypes.c_int,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                   ctypes.POINTER(_Hyper), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.c_int]
     _library = lib
     return lib
 
 
-def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_avg_sq: Tensor,
-               exp_grad_var: Tensor, steps: Tensor, stats: Tensor, flat_handle: int, slots: list[int], lr: float,
-               lr_tensor: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
-               scalars: list[float], gate: str, warmup_steps: int, maximize: bool,
-               stochastic_rounding: bool, track_stats: bool) -> None:
-    """The schema of snr_triton/fused_op.py: one pass of the C kernel over the active params."""
+def launch(job: fused_op.Launch) -> None:
+    """One pass of the C kernel over the job's block map (found_inf and a tensor lr are CPU
+    tensors here: reading them waits for nothing)."""
     lib = load_library()
-    if found_inf is not None and found_inf.item() != 0:  # CPU tensors: nothing to wait for
-        stats.zero_()
+    table, steps = job.table, job.steps
+    if job.found_inf is not None and job.found_inf.item() != 0:
+        job.stats.zero_()
         return
-    flat = FlatState.find(flat_handle)
-    table, operands = table_for("cpu", flat, params, grads, slots, CHUNK)
     table.count_step(steps)
-    if track_stats and table.stats is None:
-        table.stats = torch.zeros(table.num_blocks, len(STATS), dtype=torch.float64)
-    beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps = scalars
-    c_hyper = _Hyper(beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps,
-                     lr_tensor.item() if lr_tensor is not None else lr,
-                     1.0 / grad_scale.item() if grad_scale is not None else 1.0, warmup_steps)
+    partials = table.partial_sums(torch.float64) if job.track_stats else None
+    c_hyper = _Hyper(job.beta1, job.beta2, job.rho, job.eps, job.weight_decay, job.alpha, job.softness, job.gate_eps,
+                     job.lr_tensor.item() if job.lr_tensor is not None else job.lr,
+                     1.0 / job.grad_scale.item() if job.grad_scale is not None else 1.0, job.warmup_steps)
     lib.snr_adamw_step(
-        table.rows.data_ptr(), table.block_tensor.data_ptr(), table.num_blocks, CHUNK,
-        exp_avg.data_ptr(), exp_avg_sq.data_ptr(), exp_grad_var.data_ptr(),
-        steps.data_ptr(), ctypes.byref(c_hyper), GATE_IDS[gate], int(maximize),
-        int(flat.dtype == torch.bfloat16), int(exp_avg.dtype == torch.bfloat16),
-        table.stats.data_ptr() if track_stats else None,
+        table.rows.data_ptr(), table.block_tensor.data_ptr(), table.num_blocks, CHUNK, steps.data_ptr(),
+        ctypes.byref(c_hyper), GATE_IDS[job.gate], int(job.maximize), int(job.bucket.dtype == torch.bfloat16),
+        int(job.bucket.state_dtype == torch.bfloat16), partials.data_ptr() if partials is not None else None,
         torch.get_num_threads() if table.numel >= PARALLEL_MIN else 1)
-    operands.write_back()
-    if track_stats:  # per-chunk partial sums, added per tensor
-        stats.zero_().index_add_(0, table.block_tensor, table.stats)
+    if job.track_stats:  # per-chunk partial sums, added per tensor
+        job.stats.zero_().index_add_(0, table.block_tensor, partials)
 
 
-fused_step_op = fused_op.register("cpu_step", fused_step)
+fused_step_op, fused_step = fused_op.register("cpu_step", launch, CHUNK)
 
 
-def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
+def step(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
          grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
-    return fused_op.call(fused_step_op, fused_step, flat, params, grads, hyper, grad_scale, found_inf,
+    return fused_op.call(fused_step_op, fused_step, bucket, slots, params, grads, hyper, grad_scale, found_inf,
                          torch.float64)

@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..flat_state import FlatState, as_real
 from ..hyperparams import Hyper
+from ..param_states import BucketStates, Slot
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -> str | None:
@@ -56,26 +56,27 @@ def _store(dst: Sequence[Tensor], src: Sequence[Tensor], streams: Sequence[int] 
             d.copy_(s)
 
 
-def _gate(mhat2: list[Tensor], shat: list[Tensor], h: Hyper) -> list[Tensor]:
-    """q per element, from m-hat^2 and s-hat (both consumed)."""
-    gate, alpha, lam, delta = h.gate, h.alpha, h.softness, h.gate_eps
+def _gate(x: list[Tensor], y: list[Tensor], tail: list[Tensor], h: Hyper) -> list[Tensor]:
+    """q per element from x = m-hat^2/c^2, y = s-hat/c^2 and delta/c^2 (ALGORITHM.md, overflow-safe);
+    consumes its inputs."""
+    gate, alpha, lam = h.gate, h.alpha, h.softness
     if gate == "snr":
-        den = torch._foreach_mul(shat, lam * alpha)
-        torch._foreach_add_(den, mhat2)
-        torch._foreach_add_(den, delta)
-        torch._foreach_div_(mhat2, den)
-        return mhat2
+        den = torch._foreach_mul(y, lam * alpha)
+        torch._foreach_add_(den, x)
+        torch._foreach_add_(den, tail)
+        torch._foreach_div_(x, den)
+        return x
     if gate == "soft":
-        d = torch._foreach_sub(mhat2, torch._foreach_mul(shat, alpha))
+        d = torch._foreach_sub(x, torch._foreach_mul(y, alpha))
         torch._foreach_clamp_min_(d, 0.0)
-        torch._foreach_mul_(shat, lam)
-        torch._foreach_add_(shat, d)
-        torch._foreach_add_(shat, delta)
-        torch._foreach_div_(d, shat)
+        torch._foreach_mul_(y, lam)
+        torch._foreach_add_(y, d)
+        torch._foreach_add_(y, tail)
+        torch._foreach_div_(d, y)
         return d
     if gate == "hard":
-        torch._foreach_mul_(shat, alpha)
-        return [(a > b).to(a.dtype) for a, b in zip(mhat2, shat)]
+        torch._foreach_mul_(y, alpha)
+        return [(a > b).to(a.dtype) for a, b in zip(x, y)]
     raise AssertionError(gate)
 
 
@@ -95,24 +96,25 @@ def _pieces(tensors: list[list[Tensor]], steps: list[Tensor], seeds: list[int]):
             yield quint, t, seed, j
 
 
-def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
+def step(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
          grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
-    """One step for the active params of a bucket; all math in `compute_dtype`. Step counts,
-    bias corrections and a tensor lr stay tensors (no host reads, so torch.compile traces it);
-    grad_scale/found_inf and stochastic rounding's seeds are read on the host."""
+    """One step for the active params of a bucket (local real views, with their slots); all math in
+    `compute_dtype`. Step counts, bias corrections and a tensor lr stay tensors (no host reads, so
+    torch.compile traces it); grad_scale/found_inf and stochastic rounding's seeds are read on the host."""
     if not params:
         return None
-    cdt = compute_dtype(flat.dtype)
+    cdt = compute_dtype(bucket.dtype)
     sums = None
     if hyper.track_stats:  # a buffer kept with the bucket, as the fused backends keep theirs
-        sums = flat.stats_buffer(len(params), cdt).zero_()
+        sums = bucket.stats_buffer(len(params), cdt).zero_()
     if found_inf is not None and found_inf.item() != 0:
         return sums
-    exp_avgs, exp_avg_sqs, exp_grad_vars, steps = flat.real_views(params)
-    seeds = [flat.seeds[flat.index[p]] for p in params]
+    exp_avgs, exp_avg_sqs, exp_grad_vars = ([s.real[k] for s in slots] for k in range(3))
+    steps = [s.shown[0] for s in slots]
+    seeds = [s.seed for s in slots]
     torch._foreach_add_(steps, 1)
     inv_scale = 1.0 / grad_scale.item() if grad_scale is not None else None
-    quints = [[as_real(p) for p in params], [as_real(g) for g in grads], exp_avgs, exp_avg_sqs, exp_grad_vars]
+    quints = [list(params), list(grads), exp_avgs, exp_avg_sqs, exp_grad_vars]
     batch, size = [], 0
     for piece in _pieces(quints, steps, seeds):
         batch.append(piece)
@@ -136,11 +138,14 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
     t = torch.stack([t for _, t, _, _ in batch]).to(torch.float64)
     lr = h.lr.to(t.device, torch.float64) if isinstance(h.lr, Tensor) else h.lr
     bc1 = 1 - beta1**t
+    bc3 = 1 - rho**t
     step_size = (-lr / bc1).to(cdt).unbind()
     bc2_sqrt = torch.sqrt(1 - beta2**t).to(cdt).unbind()
-    bc3 = (1 - rho**t).to(cdt).unbind()
+    b_scale = (bc1 / torch.sqrt(bc3)).to(cdt).unbind()  # sqrt(s) * b_scale = bc1 * sqrt(s-hat)
+    tail_scale = (h.gate_eps * bc1 * bc1).to(cdt).unbind()
     first = (t == 1).unbind()
     open_gate = (t <= h.warmup_steps).unbind()
+    bc3 = bc3.to(cdt).unbind()
     bc1 = bc1.to(cdt).unbind()
 
     p = _upcast(params, cdt)
@@ -155,12 +160,11 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
 
     diff = torch._foreach_sub(g, m)  # m before this step's update
     torch._foreach_mul_(s, rho)
-    torch._foreach_addcmul_(s, diff, diff, 1 - rho)
-    del diff
+    torch._foreach_addcmul_(s, diff, diff, 1 - rho)  # (1-rho)*diff*diff: finite for every finite g
     torch._foreach_lerp_(m, g, 1 - beta1)
     torch._foreach_mul_(v, beta2)
     torch._foreach_addcmul_(v, g, g, 1 - beta2)
-    del g
+    del diff, g
 
     if wd != 0:
         torch._foreach_mul_(p, 1 - lr * wd if not isinstance(lr, Tensor) else (1 - lr * wd).to(cdt))
@@ -170,14 +174,25 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
 
     gated = h.gate != "none"
     if gated or track_stats:
-        mhat2 = torch._foreach_div(m, bc1)
-        torch._foreach_mul_(mhat2, mhat2)
-        # ALGORITHM.md: at t = 1 the gate uses s-hat := m-hat^2, its exact value
-        shats = [torch.where(f, a, b / c) for f, a, b, c in zip(first, mhat2, s, bc3)]
-        noise = torch._foreach_mul(shats, alpha)
+        # the gate, overflow-safe (ALGORITHM.md "Numerics"): a = |m|, b = bc1*sqrt(s-hat), c = max(a, b);
+        # x = (a/c)^2 = m-hat^2/c'^2, y = (b/c)^2 = s-hat/c'^2, tail = delta/c'^2 with c' = c/bc1
+        a = torch._foreach_abs(m)
+        b = [torch.where(f, ai, torch.sqrt(si) * k) for f, ai, si, k in zip(first, a, s, b_scale)]  # t=1: s-hat := m-hat^2
+        c = torch._foreach_maximum(a, b)
+        zero_c = [ci == 0 for ci in c]  # m = s = 0: q = 0
+        inv = torch._foreach_reciprocal([torch.where(z, torch.ones_like(ci), ci) for z, ci in zip(zero_c, c)])
+        x = torch._foreach_mul(a, inv)
+        torch._foreach_mul_(x, x)
+        y = torch._foreach_mul(b, inv)
+        torch._foreach_mul_(y, y)
+        above = [xi > alpha * yi for xi, yi in zip(x, y)]
+        del a, b, c
     if gated:
-        q = _gate([x.clone() for x in mhat2], shats, h)
-        q = [torch.where(o, torch.ones_like(x), x) for o, x in zip(open_gate, q)]  # warmup: q = 1
+        tail = torch._foreach_mul(inv, inv)
+        torch._foreach_mul_(tail, tail_scale)
+        q = _gate(x, y, tail, h)  # x, y are not needed after this
+        q = [torch.where(o, torch.ones_like(qi), torch.where(z, torch.zeros_like(qi), qi))
+             for o, z, qi in zip(open_gate, zero_c, q)]  # warmup: q = 1
         update = torch._foreach_mul(q, m)
     else:  # exactly torch AdamW's update
         q = [torch.ones_like(x) for x in m] if track_stats else None
@@ -186,8 +201,11 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
     torch._foreach_mul_(update, step_size)
     torch._foreach_add_(p, update)
     if track_stats:  # one row per piece (contract.STATS order), added into its param's row
-        rows = torch.stack([torch.stack([x.sum(), (a > b).sum().to(cdt), a.sum(), b.sum()])
-                            for x, a, b in zip(q, mhat2, noise)])
+        mhat2 = torch._foreach_div(m, bc1)
+        torch._foreach_mul_(mhat2, mhat2)
+        noise = [torch.where(f, a2, si / c) * alpha for f, a2, si, c in zip(first, mhat2, s, bc3)]
+        rows = torch.stack([torch.stack([qi.sum(), ab.sum().to(cdt), a2.sum(), nz.sum()])
+                            for qi, ab, a2, nz in zip(q, above, mhat2, noise)])
         owner = torch.tensor([j for _, _, _, j in batch], device=rows.device)
         sums.index_add_(0, owner, rows)
 

@@ -1,7 +1,8 @@
 """The Triton backend: one fused launch per bucket (kernels/snr_adamw.py), on a GPU or, for
 tests, under Triton's interpreter on the CPU.
 
-Host work per step: one comparison of data pointers (snr_triton/tables.py), the step
+Host work per step: the param and grad addresses compared with the last step's (refreshed by
+one non-blocking copy from pinned memory when they moved, snr_triton/tables.py), the step
 counters bumped on the device, one launch. Nothing is read back from the device, so the step
 is CUDA-graph capturable with a tensor lr.
 """
@@ -16,10 +17,9 @@ import torch
 from torch import Tensor
 
 from .. import fused_op
-from ..contract import GATE_IDS, STATS, TRITON_DTYPES
-from ..flat_state import FlatState
+from ..contract import GATE_IDS, TRITON_DTYPES
 from ..hyperparams import Hyper
-from ..tables import table_for
+from ..param_states import BucketStates, Slot
 from . import Degraded, kernel_file
 
 BLOCK = 1024
@@ -93,55 +93,46 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def fused_step(params: list[Tensor], grads: list[Tensor], exp_avg: Tensor, exp_avg_sq: Tensor,
-               exp_grad_var: Tensor, steps: Tensor, stats: Tensor, flat_handle: int, slots: list[int], lr: float,
-               lr_tensor: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
-               scalars: list[float], gate: str, warmup_steps: int, maximize: bool,
-               stochastic_rounding: bool, track_stats: bool) -> None:
-    """One step of the active params of a bucket: step counters, then one kernel launch; with
-    track_stats, this step's gate sums per param into `stats` (shape [len(params), len(STATS)]).
-    `scalars` = Hyper's (beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps)."""
-    flat = FlatState.find(flat_handle)  # stable for the bucket's life: no recompiles
-    table, operands = table_for("triton", flat, params, grads, slots, BLOCK)
+def launch(job: fused_op.Launch) -> None:
+    """Step counters, then one kernel launch over the job's block map; with track_stats, this
+    step's gate sums per param into `job.stats` (shape [active params, len(STATS)])."""
+    table, steps = job.table, job.steps
     dev = steps.device
-    if grad_scale is not None:
-        grad_scale = grad_scale.to(dev, non_blocking=True)
-    if found_inf is not None:
-        found_inf = found_inf.to(dev, non_blocking=True)
+    grad_scale = job.grad_scale.to(dev, non_blocking=True) if job.grad_scale is not None else None
+    found_inf = job.found_inf.to(dev, non_blocking=True) if job.found_inf is not None else None
     table.count_step(steps)
+    partials = table.partial_sums(torch.float32) if job.track_stats else None
     if table.num_blocks:
-        if track_stats and table.stats is None:
-            table.stats = torch.zeros(table.num_blocks, len(STATS), device=dev)
-        beta1, beta2, rho, eps, weight_decay, alpha, softness, gate_eps = scalars
-        lb1, lb2, lrho = (_split_f32(_log(b)) for b in (beta1, beta2, rho))
+        lb1, lb2, lrho = (_split_f32(_log(b)) for b in (job.beta1, job.beta2, job.rho))
         dummy = steps
         kernel_module().snr_adamw_kernel[(table.num_blocks,)](
-            table.rows, table.block_tensor, exp_avg, exp_avg_sq, exp_grad_var, steps,
-            lr, lr_tensor if lr_tensor is not None else dummy,
+            table.rows, table.block_tensor, steps,
+            job.lr, job.lr_tensor if job.lr_tensor is not None else dummy,
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,
-            table.stats if track_stats else dummy,
-            beta1, 1.0 - beta1, beta2, 1.0 - beta2, rho, 1.0 - rho, *lb1, *lb2, *lrho,
-            eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
-            PARAM_DTYPE=_tl_dtype(flat.dtype), GATE=GATE_IDS[gate], MAXIMIZE=maximize,
-            LR_IS_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            partials if partials is not None else dummy,
+            job.beta1, 1.0 - job.beta1, job.beta2, 1.0 - job.beta2, job.rho, 1.0 - job.rho, *lb1, *lb2, *lrho,
+            job.eps, job.weight_decay, job.alpha, job.softness, job.gate_eps, job.warmup_steps,
+            PARAM_DTYPE=_tl_dtype(job.bucket.dtype), STATE_DTYPE=_tl_dtype(job.bucket.state_dtype),
+            GATE=GATE_IDS[job.gate], MAXIMIZE=job.maximize,
+            LR_IS_TENSOR=job.lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
-            STOCHASTIC_ROUNDING=stochastic_rounding and flat.dtype == torch.bfloat16,
-            TRACK_STATS=track_stats, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            STOCHASTIC_ROUNDING=job.stochastic_rounding and job.bucket.dtype == torch.bfloat16,
+            TRACK_STATS=job.track_stats, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
     if found_inf is not None:  # as torch's fused Adam: the step does not count
-        steps.index_add_(0, table.slots, found_inf.to(steps.dtype).expand(len(params)), alpha=-1)
-    operands.write_back()
-    if track_stats:  # the per-block partial sums, added per tensor on the device
-        stats.zero_()
+        n = table.step_index.numel()
+        steps.index_add_(0, table.step_index, found_inf.to(steps.dtype).expand(n), alpha=-1)
+    if job.track_stats:  # the per-block partial sums, added per tensor on the device
+        job.stats.zero_()
         if table.num_blocks:
-            stats.index_add_(0, table.block_tensor, table.stats)
+            job.stats.index_add_(0, table.block_tensor, partials)
 
 
-fused_step_op = fused_op.register("triton_step", fused_step)
+fused_step_op, fused_step = fused_op.register("triton_step", launch, BLOCK)
 
 
-def step(flat: FlatState, params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
+def step(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: list[Tensor], hyper: Hyper, *,
          grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
-    return fused_op.call(fused_step_op, fused_step, flat, params, grads, hyper, grad_scale, found_inf,
+    return fused_op.call(fused_step_op, fused_step, bucket, slots, params, grads, hyper, grad_scale, found_inf,
                          torch.float32)

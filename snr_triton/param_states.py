@@ -1,0 +1,233 @@
+"""Each param's optimizer states, and what they were made for.
+
+Every param has state tensors of its own (m, v, s in the group's state dtype, laid out like the
+param's memory when the param is dense), and one float32 step counter in its bucket's counter
+array. `optimizer.state[p]` holds these very tensors (shown as complex or as a DTensor when the
+param is one), so torch-style code, `state_dict()` and `torch.save(opt.state[p])` see ordinary
+per-param tensors of the param's size. The fused kernels reach them by address (tables.py), so a
+param joining a bucket allocates its own states and copies nothing else.
+
+A `Slot` remembers the layout its states were made for; the optimizer compares every active
+param against it before a step (`Slot.fits`), and adopts or refuses what changed in between.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .contract import STATS
+from .reference import exp_grad_var_from_adam
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_grad_var")
+
+_dtensor: list = []  # [DTensor or None], filled on first use: importing it costs ~0.1 s
+
+
+def _dtensor_class() -> type | None:
+    # a plain global, not functools.cache: torch.compile traces this on every step
+    if not _dtensor:
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+
+            _dtensor.append(DTensor)
+        else:
+            _dtensor.append(None)
+    return _dtensor[0]
+
+
+def is_dtensor(t: Tensor) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2, tensor parallel): the update is elementwise, so each
+    rank steps its own shard. Plain tensors pass through."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def as_real(t: Tensor) -> Tensor:
+    """The local, real view of a param, grad or state: what the kernels walk."""
+    t = local(t)
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def real_dtype(t: Tensor) -> torch.dtype:
+    return t.real.dtype if t.is_complex() else t.dtype
+
+
+def like_param(real: Tensor, p: Tensor) -> Tensor:
+    """A state shown as the user sees its param: complex again, and a DTensor again with the
+    param's mesh and placements (so distributed checkpointing shards states like params).
+    bfloat16 states of a complex param stay real: torch has no bfloat16 complex dtype."""
+    if p.is_complex() and real.dtype != torch.bfloat16:
+        real = torch.view_as_complex(real)
+    if is_dtensor(p):
+        real = _dtensor_class().from_local(real, p.device_mesh, p.placements, run_check=False,
+                                           shape=p.shape, stride=p.stride())
+    return real
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when the elements fill exactly numel slots of memory from data_ptr on (any order)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+SEED = 0x5EED
+
+
+def rng_seed(param_id: int) -> int:
+    """Stochastic rounding's random stream of one param: fixed per param (its index in the
+    optimizer, as in state_dict), so runs and resumed runs round alike while no two params share
+    bits. The step count varies them from step to step."""
+    return (SEED ^ (param_id * 0x9E3779B97F4A7C15)) & 0x7FFFFFFFFFFFFFFF
+
+
+class Slot:
+    """One param's states and the layout they were made for.
+
+    `real` holds the local real (m, v, s) the kernels walk; `entry` is the dict in
+    optimizer.state[p], `shown` the tensors it held when last checked (step, m, v, s): a step
+    goes ahead only while the entry, its tensors and the param's layout are the ones recorded."""
+
+    __slots__ = ("param", "bucket", "index", "dtype", "device", "shape", "stride", "plain", "placements",
+                 "real_shape", "real_stride", "dense", "numel", "real", "entry", "shown", "seed", "stand_in",
+                 "seen")
+
+    def __init__(self, param: Tensor, bucket: "BucketStates", index: int, seed: int):
+        self.param, self.bucket, self.index, self.seed = param, bucket, index, seed
+        self.dtype, self.device, self.shape, self.stride = param.dtype, param.device, param.shape, param.stride()
+        self.plain = not param.is_complex() and not is_dtensor(param)
+        self.placements = None if self.plain or not is_dtensor(param) else (param.device_mesh, param.placements)
+        r = as_real(param)
+        self.real_shape, self.real_stride, self.dense, self.numel = r.shape, r.stride(), is_dense(r), r.numel()
+        self.stand_in: dict[str, Tensor] = {}  # persistent copies for a non-dense param or odd grad
+        self.seen = None
+        sdt = bucket.state_dtype
+        if self.dense:  # the param's own memory order: one linear index walks param, grad and states
+            self.real = tuple(torch.empty_strided(r.shape, r.stride(), dtype=sdt, device=r.device).zero_()
+                              for _ in STATE_KEYS)
+        else:
+            self.real = tuple(torch.zeros(r.shape, dtype=sdt, device=r.device) for _ in STATE_KEYS)
+        self.entry: dict[str, Any] = {}
+        self.shown: tuple = ()
+
+    def show(self, entry: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Fill `entry` (a new dict if None) with this slot's tensors as the user sees them."""
+        entry = {} if entry is None else entry
+        entry.clear()
+        entry["step"] = self.bucket.step_view(self.index)
+        for key, t in zip(STATE_KEYS, self.real):
+            entry[key] = like_param(t, self.param)
+        self.entry = entry
+        self.shown = (entry["step"], entry["exp_avg"], entry["exp_avg_sq"], entry["exp_grad_var"])
+        return entry
+
+    def fits(self, p: Tensor, g: Tensor, entry: Any) -> bool:
+        """True when `entry` is this slot's, holds its tensors, and p and g have the layout the
+        states were made for. Cheap: a few attribute reads per param and step."""
+        if entry is not self.entry or p.dtype is not self.dtype or g.dtype is not self.dtype or g.is_sparse:
+            return False
+        try:
+            shown = (entry["step"], entry["exp_avg"], entry["exp_avg_sq"], entry["exp_grad_var"])
+        except KeyError:
+            return False
+        a, b = shown, self.shown
+        if a[0] is not b[0] or a[1] is not b[1] or a[2] is not b[2] or a[3] is not b[3]:
+            return False
+        return p.shape == self.shape and g.shape == self.shape and p.stride() == self.stride \
+            and p.device == self.device and (self.placements is None or self.placements == (p.device_mesh, p.placements))
+
+    def adopt(self, old: dict[str, Any], hyper) -> None:
+        """Copy existing state (a checkpoint's, a replaced tensor, the states of this param's
+        previous slot) into this slot's tensors, on the device: no host read unless a step
+        count lives on the host anyway, or an AdamW checkpoint needs its exp_grad_var derived."""
+        step = self.bucket.steps[self.index]
+        value = old.get("step", 0)
+        if isinstance(value, Tensor) and value.device == step.device:
+            step.copy_(value.reshape(()))
+        else:
+            step.fill_(float(value.item() if isinstance(value, Tensor) else value))
+        for key, t in zip(STATE_KEYS, self.real):
+            if key in old:
+                t.copy_(as_real(old[key]))
+        if "exp_grad_var" not in old and "exp_avg" in old and "exp_avg_sq" in old:
+            m, v = as_real(old["exp_avg"]), as_real(old["exp_avg_sq"])
+            self.real[2].copy_(exp_grad_var_from_adam(m, v, float(step.item()), (hyper.beta1, hyper.beta2),
+                                                      hyper.rho))
+
+
+_by_handle: "weakref.WeakValueDictionary[int, BucketStates]" = weakref.WeakValueDictionary()
+MAPS_KEPT = 8  # block maps per bucket: active sets that alternate (MoE experts, frozen layers)
+
+
+class BucketStates:
+    """The slots of one bucket (the params of one group on one device with one real dtype and
+    one state dtype), their step counters, and what backends derive from them (block maps per
+    active set, stats buffers)."""
+
+    def __init__(self, group: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                 state_dtype: torch.dtype):
+        self.group, self.device, self.dtype, self.requested = group, device, dtype, state_dtype
+        self.state_dtype = torch.float64 if dtype == torch.float64 else state_dtype
+        self.steps = torch.zeros(16, dtype=torch.float32, device=device)
+        self.slots: list[Slot | None] = []  # by index; an index is never reused, so block-map keys stay unique
+        self.maps: OrderedDict[tuple, Any] = OrderedDict()
+        self.stats: dict[tuple, Tensor] = {}
+        self.checked: set[tuple] = set()  # active sets known to list no param twice
+        self.handle = id(self)
+        _by_handle[self.handle] = self
+
+    @staticmethod
+    def find(handle: int) -> "BucketStates":
+        """The bucket with this handle: how a custom op, which takes only tensors and scalars, finds it."""
+        return _by_handle[handle]
+
+    def step_view(self, index: int) -> Tensor:
+        return self.steps[index]
+
+    def new_slot(self, param: Tensor, seed: int) -> Slot:
+        """A slot with zeroed states for `param`; grows the step counters without a host read."""
+        index = len(self.slots)
+        if index >= self.steps.numel():
+            grown = torch.zeros(2 * self.steps.numel(), dtype=torch.float32, device=self.device)
+            grown[:index].copy_(self.steps[:index])
+            self.steps = grown
+            for slot in self.slots:  # the entries show views of the new counters
+                if slot is not None:
+                    slot.show(slot.entry)
+        slot = Slot(param, self, index, seed)
+        self.slots.append(slot)
+        self.steps[index].zero_()
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        """`slot` no longer steps here (its param moved or was reset): forget its maps."""
+        if self.slots[slot.index] is slot:
+            self.slots[slot.index] = None
+            for key in [k for k in self.maps if slot.index in k]:
+                del self.maps[key]
+
+    def live(self) -> bool:
+        return any(s is not None for s in self.slots)
+
+    def stats_buffer(self, rows: int, dtype: torch.dtype) -> Tensor:
+        """The [rows, len(STATS)] buffer a backend writes a step's per-param gate sums into: kept
+        with the bucket, so a step allocates nothing."""
+        key = (rows, dtype)
+        buf = self.stats.get(key)
+        if buf is None:
+            if len(self.stats) >= MAPS_KEPT:
+                self.stats.clear()
+            buf = self.stats[key] = torch.zeros(rows, len(STATS), dtype=dtype, device=self.device)
+        return buf
