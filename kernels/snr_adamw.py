@@ -117,8 +117,8 @@ def _gate(m, s, first, bc1_over_sqrt_bc3, gate_eps_bc1_sq, alpha, softness, GATE
     c = tl.maximum(a, b)
     nonzero = c > 0.0
     inv = 1.0 / tl.where(nonzero, c, 1.0)
-    ra = a * inv
-    rb = b * inv
+    ra = tl.where(a >= b, 1.0, a * inv)  # the larger is exactly 1: also when s overflowed to inf
+    rb = tl.where(b >= a, 1.0, b * inv)
     x = ra * ra
     y = rb * rb
     tail = (gate_eps_bc1_sq * inv) * inv

@@ -78,7 +78,7 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         const float a = fabsf(m);                                                                  \
         const float b = first ? a : sqrtf(s) * b_scale; /* t = 1: s-hat := m-hat^2 */              \
         const float c = fmaxf(a, b), inv = 1.0f / (c > 0.0f ? c : 1.0f);                          \
-        const float ra = a * inv, rb = b * inv;                                                    \
+        const float ra = a >= b ? 1.0f : a * inv, rb = b >= a ? 1.0f : b * inv; /* max is 1 */    \
         const float x = ra * ra, y = rb * rb, tail = (tail_scale * inv) * inv;                    \
         const int above = x > alpha * y;                                                           \
         const float d = fmaxf(x - alpha * y, 0.0f);                                                \

@@ -64,7 +64,7 @@ def register(name: str, launch: Callable[[Launch], None], block: int) -> tuple[C
              track_stats: bool) -> None:
         bucket = BucketStates.find(bucket_handle)  # stable for the bucket's life: no recompiles
         table = block_map(bucket, slots, block)
-        addresses, back = operands([bucket.slots[i] for i in slots], params, grads)
+        addresses, back = operands(table, table.slots, params, grads)
         states = [t.data_ptr() for ts in zip(exp_avg, exp_avg_sq, exp_grad_var) for t in ts] if exp_avg else None
         table.refresh(addresses, states)
         launch(Launch(bucket, table, steps, stats, lr, lr_tensor, grad_scale, found_inf,

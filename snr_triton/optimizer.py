@@ -25,8 +25,8 @@ from torch.optim import Optimizer
 from . import backend
 from .contract import STATS
 from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, validate_group, validate_runtime
-from .param_states import (STATE_KEYS, BucketStates, Slot, as_real, is_dtensor, local, real_dtype,
-                           rng_seed)
+from .param_states import (STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real, is_dtensor,
+                           local, real_dtype, rng_seed)
 
 # Keys of torch.optim.AdamW groups that have no meaning here.
 ADAMW_ONLY_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
@@ -41,9 +41,18 @@ class Work:
     hyper: Hyper
     bucket: BucketStates
     slots: list[Slot]
-    params: list[Tensor]  # the params as the user holds them (for stats)
-    real_params: list[Tensor]  # what the kernels walk: local, real
+    params: list[Tensor]  # the params as the user holds them
+    real_params: list[Tensor] | None  # what the kernels walk (local, real); None: `params` themselves
     real_grads: list[Tensor]
+
+    def add(self, slot: Slot, p: Tensor, real_p: Tensor, real_g: Tensor) -> None:
+        self.slots.append(slot)
+        self.params.append(p)
+        if real_p is not p and self.real_params is None:
+            self.real_params = self.params[:-1]
+        if self.real_params is not None:
+            self.real_params.append(real_p)
+        self.real_grads.append(real_g)
     backend: ModuleType | None = None
 
 
@@ -89,6 +98,7 @@ class SNRAdamW(Optimizer):
         self._hyper(defaults)
         self._reset_caches()
         super().__init__(params, defaults)
+        self.state = TrackedState(self.state)
 
     # ----------------------------------------------------------------- groups
     @staticmethod
@@ -151,6 +161,7 @@ class SNRAdamW(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.state = TrackedState(self.state)
         for group in self.param_groups:  # groups saved by an older version: our keys only
             for key, value in self._own_defaults().items():
                 group.setdefault(key, value)
@@ -159,6 +170,13 @@ class SNRAdamW(Optimizer):
     def _own_defaults(self) -> dict[str, Any]:
         """This optimizer's defaults for its own keys (torch adds others, e.g. `differentiable`)."""
         return {k: self.defaults.get(k, v) for k, v in {**DEFAULTS, **RUNTIME_DEFAULTS}.items()}
+
+    @torch._disable_dynamo
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict, each param's state a plain dict (as torch.optim.AdamW's)."""
+        saved = super().state_dict()
+        saved["state"] = {k: dict(v) if isinstance(v, StateEntry) else v for k, v in saved["state"].items()}
+        return saved
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -269,10 +287,10 @@ class SNRAdamW(Optimizer):
         """Record `slot` as that of param i of group gi, for the step's cheap path."""
         group = self.param_groups[gi]
         while len(self._group_slots) <= gi:
-            self._group_slots.append([None, []])
+            self._group_slots.append([None, [], None])
         record = self._group_slots[gi]
-        if record[0] is not group or len(record[1]) != len(group["params"]):
-            record[0], record[1] = group, [None] * len(group["params"])
+        if record[0] is not group or len(record[1]) != len(group["params"]) or record[2] is not slot.bucket.requested:
+            record[:] = group, [None] * len(group["params"]), slot.bucket.requested
         record[1][i] = slot
 
     # ----------------------------------------------------------------- the step
@@ -292,55 +310,70 @@ class SNRAdamW(Optimizer):
         self._run(self._plan(), grad_scale, found_inf)
         return loss
 
+    def _sort(self, check_entries: bool) -> tuple[dict[int, Work], list[_Repair]]:
+        """The active params of every group sorted into buckets by their slots; those whose slot
+        does not fit (or that have none) listed for repair. Changes nothing."""
+        works: dict[int, Work] = {}
+        repairs: list[_Repair] = []
+        group_slots = self._group_slots
+        for gi, group in enumerate(self.param_groups):
+            hyper = self._hyper(group, f" (param group {gi})", read_tensors=False)
+            params = group["params"]
+            record = group_slots[gi] if gi < len(group_slots) else None
+            slots = record[1] if record is not None and record[0] is group and len(record[1]) == len(params) \
+                and record[2] is hyper.state_dtype else None  # slots made for this group and state dtype
+            work, bucket = None, None
+            for i, p in enumerate(params):
+                g = p.grad
+                if g is None:
+                    continue
+                slot = slots[i] if slots is not None else None
+                entry = (self.state.get(p) if check_entries else slot.entry) if slot is not None else None
+                if slot is not None and slot.param is p and slot.fits(p, g, entry):
+                    if slot.bucket is not bucket:
+                        bucket = slot.bucket
+                        work = works.get(bucket.handle)
+                        if work is None:
+                            work = works[bucket.handle] = Work(gi, hyper, bucket, [], [], None, [])
+                    if slot.plain:
+                        work.slots.append(slot)
+                        work.params.append(p)
+                        work.real_grads.append(g)
+                        if work.real_params is not None:
+                            work.real_params.append(p)
+                    else:
+                        work.add(slot, p, as_real(p), _local_grad(p, g, slot.real_shape,
+                                                                  f" (param {i} of param group {gi})"))
+                else:
+                    repairs.append(self._check_repair(gi, i, p, g, slot))
+        return works, repairs
+
     def _plan(self) -> list[Work]:
         """Validate every group, check every active param against its slot, choose every bucket's
         backend; raises before anything changes. What users change between steps (p.data resized
         or re-laid out, a state replaced or deleted, a param new to a bucket or moved to another
         device, dtype, group or state dtype) fails the cheap check (`Slot.fits`) and is checked in
         full here, then adopted, or refused with an error naming the param."""
-        works: dict[int, Work] = {}
-        repairs: list[_Repair] = []
-        group_slots = self._group_slots  # self.state only after p: torch.compile's guards name each
-        # tensor by the first place the step reaches it, and a param reached first as a key of
-        # self.state would have its grad guarded by identity (a recompile whenever zero_grad frees it)
-        for gi, group in enumerate(self.param_groups):
-            hyper = self._hyper(group, f" (param group {gi})", read_tensors=False)
-            sdt = hyper.state_dtype
-            params = group["params"]
-            record = group_slots[gi] if gi < len(group_slots) else None
-            slots = record[1] if record is not None and record[0] is group and len(record[1]) == len(params) \
-                else None
-            for i, p in enumerate(params):
-                g = p.grad
-                if g is None:
-                    continue
-                slot = slots[i] if slots is not None else None
-                if slot is not None and slot.param is p and slot.bucket.group is group and slot.bucket.requested is sdt \
-                        and slot.fits(p, g, self.state.get(p)):
-                    work = works.get(slot.bucket.handle)
-                    if work is None:
-                        work = works[slot.bucket.handle] = Work(gi, hyper, slot.bucket, [], [], [], [])
-                    work.slots.append(slot)
-                    work.params.append(p)
-                    if slot.plain:
-                        work.real_params.append(p)
-                        work.real_grads.append(g)
-                    else:
-                        work.real_params.append(as_real(p))
-                        work.real_grads.append(_local_grad(p, g, slot.real_shape, f" (param {i} of param group {gi})"))
-                else:
-                    repairs.append(self._check_repair(gi, i, p, g, slot))
+        works, repairs = self._sort(check_entries=False)
+        # Which entry of opt.state is whose is checked again only after opt.state was written, and
+        # only now: torch.compile's guards name each tensor by the first place the step reaches it,
+        # and a param reached first as a key of self.state would have its grad guarded by identity
+        # (a recompile whenever zero_grad() frees it).
+        state = self.state
+        if not isinstance(state, TrackedState) or state.edited:
+            if not isinstance(state, TrackedState):  # replaced by hand (opt.state = {...})
+                state = self.state = TrackedState(state)
+            works, repairs = self._sort(check_entries=True)
         if repairs:
             for r, slot in zip(repairs, self._apply(repairs)):  # in group order: after the params above
                 group = self.param_groups[r.group_index]
                 work = works.get(slot.bucket.handle)
                 if work is None:
                     work = works[slot.bucket.handle] = Work(r.group_index, self._hyper(group, read_tensors=False),
-                                                            slot.bucket, [], [], [], [])
-                work.slots.append(slot)
-                work.params.append(r.param)
-                work.real_params.append(as_real(r.param))
-                work.real_grads.append(_local_grad(r.param, r.grad, slot.real_shape, ""))
+                                                            slot.bucket, [], [], None, [])
+                work.add(slot, r.param, as_real(r.param), _local_grad(r.param, r.grad, slot.real_shape, ""))
+        if state.edited:  # every entry checked, or made by _apply: consistent until the next write
+            state.edited = False
         plan = list(works.values())
         for work in plan:
             _check_once(work)
@@ -381,7 +414,8 @@ class SNRAdamW(Optimizer):
     def _run(self, plan: list[Work], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         self._last["stats"], self._last["found_inf"] = [], found_inf
         for work in plan:
-            sums = work.backend.step(work.bucket, work.slots, work.real_params, work.real_grads, work.hyper,
+            real_params = work.real_params if work.real_params is not None else work.params
+            sums = work.backend.step(work.bucket, work.slots, real_params, work.real_grads, work.hyper,
                                      grad_scale=grad_scale, found_inf=found_inf)
             if sums is not None:  # kept on the device; read only by stats()
                 self._last["stats"].append((work.group_index, work.params, [s.numel for s in work.slots], sums))

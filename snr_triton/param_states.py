@@ -14,7 +14,7 @@ param against it before a step (`Slot.fits`), and adopts or refuses what changed
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 import torch
@@ -93,6 +93,102 @@ def rng_seed(param_id: int) -> int:
     return (SEED ^ (param_id * 0x9E3779B97F4A7C15)) & 0x7FFFFFFFFFFFFFFF
 
 
+class StateEntry(dict):
+    """optimizer.state[p] as this package fills it: a plain dict to every reader, which tells its
+    slot when it is written (a state replaced, deleted, added), so the step checks one flag per
+    param instead of every key. `state_dict()` hands out plain dicts; pickled on its own
+    (`torch.save(opt.state[p])`) it is an OrderedDict, which `torch.load(weights_only=True)` reads."""
+
+    __slots__ = ("owner",)
+
+    def _edited(self) -> None:
+        owner = getattr(self, "owner", None)
+        if owner is not None:
+            owner.edited = True
+
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, key, value)
+        self._edited()
+
+    def __delitem__(self, key):
+        dict.__delitem__(self, key)
+        self._edited()
+
+    def __ior__(self, other):
+        dict.update(self, other)
+        self._edited()
+        return self
+
+    def update(self, *args, **kwargs):
+        dict.update(self, *args, **kwargs)
+        self._edited()
+
+    def pop(self, *args):
+        self._edited()
+        return dict.pop(self, *args)
+
+    def popitem(self):
+        self._edited()
+        return dict.popitem(self)
+
+    def setdefault(self, key, default=None):
+        self._edited()
+        return dict.setdefault(self, key, default)
+
+    def clear(self):
+        dict.clear(self)
+        self._edited()
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+class TrackedState(defaultdict):
+    """optimizer.state: torch's defaultdict(dict), which notes when it is written (an entry set,
+    replaced, deleted, cleared), so a step re-checks which entry belongs to which param only after
+    a write, not for every param of every step. Pickles as a plain defaultdict."""
+
+    def __init__(self, items: Any = ()):
+        super().__init__(dict, items)
+        self.edited = True
+
+    def __setitem__(self, key, value):
+        defaultdict.__setitem__(self, key, value)
+        self.edited = True
+
+    def __delitem__(self, key):
+        defaultdict.__delitem__(self, key)
+        self.edited = True
+
+    def __ior__(self, other):
+        defaultdict.update(self, other)
+        self.edited = True
+        return self
+
+    def update(self, *args, **kwargs):
+        defaultdict.update(self, *args, **kwargs)
+        self.edited = True
+
+    def pop(self, *args):
+        self.edited = True
+        return defaultdict.pop(self, *args)
+
+    def popitem(self):
+        self.edited = True
+        return defaultdict.popitem(self)
+
+    def setdefault(self, key, default=None):
+        self.edited = True
+        return defaultdict.setdefault(self, key, default)
+
+    def clear(self):
+        defaultdict.clear(self)
+        self.edited = True
+
+    def __reduce__(self):
+        return defaultdict, (dict,), None, None, iter(self.items())
+
+
 class Slot:
     """One param's states and the layout they were made for.
 
@@ -100,53 +196,57 @@ class Slot:
     optimizer.state[p], `shown` the tensors it held when last checked (step, m, v, s): a step
     goes ahead only while the entry, its tensors and the param's layout are the ones recorded."""
 
-    __slots__ = ("param", "bucket", "index", "dtype", "device", "shape", "stride", "plain", "placements",
-                 "real_shape", "real_stride", "dense", "numel", "real", "entry", "shown", "seed", "stand_in",
-                 "seen")
+    __slots__ = ("param", "bucket", "index", "dtype", "device", "device_index", "shape", "stride", "plain",
+                 "placements",
+                 "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "entry", "shown", "seed",
+                 "stand_in", "edited")
 
     def __init__(self, param: Tensor, bucket: "BucketStates", index: int, seed: int):
         self.param, self.bucket, self.index, self.seed = param, bucket, index, seed
         self.dtype, self.device, self.shape, self.stride = param.dtype, param.device, param.shape, param.stride()
+        self.device_index = param.get_device()
         self.plain = not param.is_complex() and not is_dtensor(param)
         self.placements = None if self.plain or not is_dtensor(param) else (param.device_mesh, param.placements)
         r = as_real(param)
         self.real_shape, self.real_stride, self.dense, self.numel = r.shape, r.stride(), is_dense(r), r.numel()
+        # a plain contiguous param: is_contiguous() (a cached flag) then stands for the stride
+        # check; strides of size-1 dims may differ, which the linear walk never sees
+        self.contiguous = self.plain and r.is_contiguous()
         self.stand_in: dict[str, Tensor] = {}  # persistent copies for a non-dense param or odd grad
-        self.seen = None
+        self.edited = True
         sdt = bucket.state_dtype
         if self.dense:  # the param's own memory order: one linear index walks param, grad and states
             self.real = tuple(torch.empty_strided(r.shape, r.stride(), dtype=sdt, device=r.device).zero_()
                               for _ in STATE_KEYS)
         else:
             self.real = tuple(torch.zeros(r.shape, dtype=sdt, device=r.device) for _ in STATE_KEYS)
-        self.entry: dict[str, Any] = {}
+        self.entry: StateEntry = StateEntry()
         self.shown: tuple = ()
 
-    def show(self, entry: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Fill `entry` (a new dict if None) with this slot's tensors as the user sees them."""
-        entry = {} if entry is None else entry
-        entry.clear()
-        entry["step"] = self.bucket.step_view(self.index)
+    def show(self, entry: Any = None) -> StateEntry:
+        """Fill `entry` (refilled in place when it is a StateEntry, so a user's reference to it
+        sees the new tensors; else a new one) with this slot's tensors as the user sees them."""
+        if not isinstance(entry, StateEntry):
+            entry = StateEntry()
+        entry.owner = None
+        dict.clear(entry)
+        dict.__setitem__(entry, "step", self.bucket.step_view(self.index))
         for key, t in zip(STATE_KEYS, self.real):
-            entry[key] = like_param(t, self.param)
+            dict.__setitem__(entry, key, like_param(t, self.param))
+        entry.owner = self
         self.entry = entry
         self.shown = (entry["step"], entry["exp_avg"], entry["exp_avg_sq"], entry["exp_grad_var"])
+        self.edited = False
         return entry
 
     def fits(self, p: Tensor, g: Tensor, entry: Any) -> bool:
-        """True when `entry` is this slot's, holds its tensors, and p and g have the layout the
-        states were made for. Cheap: a few attribute reads per param and step."""
-        if entry is not self.entry or p.dtype is not self.dtype or g.dtype is not self.dtype or g.is_sparse:
-            return False
-        try:
-            shown = (entry["step"], entry["exp_avg"], entry["exp_avg_sq"], entry["exp_grad_var"])
-        except KeyError:
-            return False
-        a, b = shown, self.shown
-        if a[0] is not b[0] or a[1] is not b[1] or a[2] is not b[2] or a[3] is not b[3]:
-            return False
-        return p.shape == self.shape and g.shape == self.shape and p.stride() == self.stride \
-            and p.device == self.device and (self.placements is None or self.placements == (p.device_mesh, p.placements))
+        """True when `entry` is this slot's and unedited, and p and g have the layout the states
+        were made for. Cheap: a few attribute reads per param and step."""
+        return entry is self.entry and not self.edited and p.dtype is self.dtype and g.dtype is self.dtype \
+            and not g.is_sparse and p.shape == self.shape and g.shape == self.shape \
+            and (p.is_contiguous() if self.contiguous else p.stride() == self.stride) \
+            and p.get_device() == self.device_index \
+            and (self.placements is None or (p.device_mesh, p.placements) == self.placements)
 
     def adopt(self, old: dict[str, Any], hyper) -> None:
         """Copy existing state (a checkpoint's, a replaced tensor, the states of this param's
@@ -204,7 +304,7 @@ class BucketStates:
             grown[:index].copy_(self.steps[:index])
             self.steps = grown
             for slot in self.slots:  # the entries show views of the new counters
-                if slot is not None:
+                if slot is not None and not slot.edited:
                     slot.show(slot.entry)
         slot = Slot(param, self, index, seed)
         self.slots.append(slot)

@@ -31,15 +31,26 @@ class BlockMap:
     def __init__(self, bucket: BucketStates, slots: list[Slot], block: int):
         counters["maps_built"] += 1
         self.device = bucket.device
-        rows, block_tensor = [], []
-        for j, slot in enumerate(slots):
+        blocks = [-(-slot.numel // block) for slot in slots]
+        rows, first = [], 0
+        for slot, n in zip(slots, blocks):
             m, v, s = (t.data_ptr() for t in slot.real)
-            rows.append([0, 0, m, v, s, slot.numel, len(block_tensor), slot.index, slot.seed, 0])
-            block_tensor.extend([j] * -(-slot.numel // block))
+            rows.append([0, 0, m, v, s, slot.numel, first, slot.index, slot.seed, 0])
+            first += n
         self.static = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(ROW))
+        self.slots = slots
+        assert G == P + 1 and S == M + 2, "the kernels' columns moved: update BlockMap.refresh"
+        self.static_aligned = (self.static[:, M:S + 1] & 15).sum(1) == 0
+        self.states_aligned = bool(self.static_aligned.all())  # our own allocations: always
+        self.states_moved = False  # the rows point at other state tensors than the slots' (compile)
+        self.dense = all(slot.dense for slot in slots)
+        self.contiguous = all(slot.contiguous for slot in slots)
+        self.strides = [slot.real_stride for slot in slots]  # a grad laid out like its param
         self.numel = sum(slot.numel for slot in slots)
-        self.num_blocks = len(block_tensor)
-        self.block_tensor = torch.tensor(block_tensor, dtype=torch.int32).to(bucket.device)
+        self.num_blocks = first
+        # the row of each block: one int32 per block (6.5M for a 6.7B-param model), made by torch
+        self.block_tensor = torch.repeat_interleave(torch.arange(len(slots), dtype=torch.int32),
+                                                    torch.tensor(blocks, dtype=torch.int64)).to(bucket.device)
         indices = [slot.index for slot in slots]
         # step += 1 for the active slots: one op; a plain add_ when they are the first n in order
         self.step_prefix = len(indices) if indices == list(range(len(indices))) else None
@@ -60,10 +71,19 @@ class BlockMap:
         counters["addresses_refreshed"] += 1
         host = self.static.clone() if self.device.type != "cpu" else self.rows
         pg = torch.tensor(addresses, dtype=torch.int64).view(-1, 2)
-        host[:, P], host[:, G] = pg[:, 0], pg[:, 1]
-        host[:, M:S + 1] = self.static[:, M:S + 1] if states is None else \
-            torch.tensor(states, dtype=torch.int64).view(-1, 3)
-        host[:, ALIGNED] = ((host[:, P] | host[:, G] | host[:, M] | host[:, V] | host[:, S]) & 15) == 0
+        host[:, P:G + 1] = pg  # P, G adjacent (contract.ROW)
+        aligned = (pg & 15).sum(1) == 0
+        if states is not None:
+            st = torch.tensor(states, dtype=torch.int64).view(-1, 3)
+            host[:, M:S + 1] = st
+            aligned &= (st & 15).sum(1) == 0
+        else:
+            if self.states_moved:
+                host[:, M:S + 1] = self.static[:, M:S + 1]
+            if not self.states_aligned:
+                aligned &= self.static_aligned
+        self.states_moved = states is not None
+        host[:, ALIGNED] = aligned
         if self.device.type != "cpu":  # on CPU the kernel runs on this thread: updated in place
             host = host.pin_memory()
             # stream-ordered after the previous step's launch; the caching host allocator keeps the
@@ -87,12 +107,18 @@ class BlockMap:
         return self.partials
 
 
-def operands(slots: list[Slot], params: list[Tensor], grads: list[Tensor]) -> tuple[list[int], list]:
+def operands(table: BlockMap, slots: list[Slot], params: list[Tensor], grads: list[Tensor]) -> tuple[list[int], list]:
     """The addresses the kernel reads this step ([p0, g0, ...]) and the stand-ins to copy back.
 
     A param that is not dense is stepped in a contiguous stand-in (kept with its slot, so its
     address does not move), copied back by `write_back`; a grad laid out otherwise than its
     param is copied into a stand-in in the param's layout."""
+    if table.contiguous and all([g.is_contiguous() for g in grads]) or \
+            table.dense and [g.stride() for g in grads] == table.strides:  # the usual cases, in bulk
+        addresses = [0] * (2 * len(params))
+        addresses[0::2] = [p.data_ptr() for p in params]
+        addresses[1::2] = [g.data_ptr() for g in grads]
+        return addresses, []
     addresses, back = [], []
     for slot, p, g in zip(slots, params, grads):
         if not slot.dense:

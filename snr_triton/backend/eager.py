@@ -181,9 +181,10 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
         c = torch._foreach_maximum(a, b)
         zero_c = [ci == 0 for ci in c]  # m = s = 0: q = 0
         inv = torch._foreach_reciprocal([torch.where(z, torch.ones_like(ci), ci) for z, ci in zip(zero_c, c)])
-        x = torch._foreach_mul(a, inv)
+        # the larger of a, b is exactly 1: also when s overflowed to inf
+        x = [torch.where(ai >= bi, 1.0, ai * ii) for ai, bi, ii in zip(a, b, inv)]
         torch._foreach_mul_(x, x)
-        y = torch._foreach_mul(b, inv)
+        y = [torch.where(bi >= ai, 1.0, bi * ii) for ai, bi, ii in zip(a, b, inv)]
         torch._foreach_mul_(y, y)
         above = [xi > alpha * yi for xi, yi in zip(x, y)]
         del a, b, c
