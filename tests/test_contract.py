@@ -74,3 +74,24 @@ def test_auto_warns_once_when_it_falls_back_for_a_broken_fused_kernel(monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SNRAdamW([torch.nn.Parameter(torch.ones(3, dtype=torch.float64))])
+
+
+def test_a_backend_that_cannot_import_is_a_degraded_choice_for_auto(monkeypatch):
+    """`auto` imports every backend: one that cannot import here (fcntl on Windows, a broken
+    install) must make auto fall back with its warning, not raise ModuleNotFoundError."""
+    import importlib
+
+    real = importlib.import_module
+
+    def no_cpu(name, *args):
+        if name.endswith("backend.cpu"):
+            raise ModuleNotFoundError("No module named 'fcntl'")
+        return real(name, *args)
+
+    monkeypatch.setattr(backend, "_modules", {k: v for k, v in backend._modules.items() if k != "cpu"})
+    monkeypatch.setattr(importlib, "import_module", no_cpu)
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(UserWarning, match="the cpu backend cannot be imported here"):
+        assert backend.choose("auto", torch.device("cpu"), torch.float32, DEFAULT_HYPER)[0] == "eager"
+    with pytest.raises(RuntimeError, match="backend='cpu' cannot step.*cannot be imported"):
+        backend.choose("cpu", torch.device("cpu"), torch.float32, DEFAULT_HYPER)

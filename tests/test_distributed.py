@@ -204,3 +204,43 @@ def test_zero_redundancy_optimizer_trains_and_checkpoints(tmp_path):
     assert max_diff(a, expected) <= 1e-6
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _dtensor_grads(rank, port, backend, placement, out):
+    """A Shard(0) param on 2 ranks whose grad arrives Replicate() or Partial(): the old code stepped
+    rank 1 with rows 0-1 instead of 2-3 and used a partial grad unreduced (exp_avg 0.05, not 0.1)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    _init(rank, port)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(0)
+    full, grads = torch.randn(4, 3, generator=gen), [torch.randn(4, 3, generator=gen) for _ in range(3)]
+    p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+    opt = SNRAdamW([p], backend=backend, gate="none", lr=HP["lr"], weight_decay=HP["weight_decay"])
+    for g in grads:
+        if placement == "replicate":
+            p.grad = DTensor.from_local(g.clone(), mesh, [Replicate()], run_check=False)
+        else:  # each rank holds half of the sum
+            p.grad = DTensor.from_local(g / WORLD, mesh, [Partial()], run_check=False)
+        opt.step()
+    result = {"param": p.full_tensor(), "exp_avg": opt.state[p]["exp_avg"].full_tensor()}
+    if rank == 0:
+        torch.save(result, out)
+    _finish()
+
+
+@pytest.mark.parametrize("placement", ["replicate", "partial"])
+def test_dtensor_grads_with_other_placements_are_redistributed(placement, tmp_path):
+    out = tmp_path / "dtensor.pt"
+    spawn(_dtensor_grads, DIST_BACKENDS[0], placement, str(out))
+    gen = torch.Generator().manual_seed(0)
+    full, grads = torch.randn(4, 3, generator=gen), [torch.randn(4, 3, generator=gen) for _ in range(3)]
+    p = torch.nn.Parameter(full.clone())
+    ref = torch.optim.AdamW([p], lr=HP["lr"], weight_decay=HP["weight_decay"])  # the truth, on the whole tensor
+    for g in grads:
+        p.grad = g.clone()
+        ref.step()
+    got = torch.load(out)
+    torch.testing.assert_close(got["param"], p.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got["exp_avg"], ref.state[p]["exp_avg"], rtol=1e-6, atol=1e-7)

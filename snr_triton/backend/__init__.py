@@ -69,18 +69,34 @@ def get(name: str) -> ModuleType:
 _warned: set[str] = set()
 
 
+def _importable(name: str) -> tuple[ModuleType | None, str | None]:
+    """(module, None), or (None, why) when it cannot be imported on this machine (a POSIX-only
+    module on Windows, a broken install): a degraded choice, not a crash of `auto`."""
+    try:
+        return get(name), None
+    except ImportError as e:
+        return None, Degraded(f"the {name} backend cannot be imported here ({e})")
+
+
 def choose(backend: str, device: torch.device, dtype: torch.dtype, hyper: "Hyper") -> tuple[str, ModuleType]:
     """The backend that steps params of `dtype` on `device`: the one named, or under "auto" the
     first available in ORDER. Raises RuntimeError when a named backend cannot run."""
     if backend != "auto":
-        module = get(backend)
+        if backend not in ORDER:
+            get(backend)  # the ValueError naming the choices
+        module, why = _importable(backend)
+        if module is None:
+            raise RuntimeError(f"backend={backend!r} cannot step a {dtype} param on {device}: {why}")
         reason = module.unavailable_reason(device, dtype, hyper)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot step a {dtype} param on {device}: {reason}")
         return backend, module
     degraded = []
     for name in ORDER:
-        module = get(name)
+        module, why = _importable(name)
+        if module is None:
+            degraded.append((name, why))
+            continue
         if device.type not in getattr(module, "AUTO_DEVICE_TYPES", (device.type,)):
             continue
         reason = module.unavailable_reason(device, dtype, hyper)
@@ -99,4 +115,5 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype, hyper: "Hyper
 
 def available(device: torch.device, dtype: torch.dtype, hyper: "Hyper") -> list[str]:
     """The backends that can step `dtype` params on `device` here, in ORDER."""
-    return [name for name in ORDER if get(name).unavailable_reason(device, dtype, hyper) is None]
+    modules = {name: _importable(name)[0] for name in ORDER}
+    return [name for name, m in modules.items() if m is not None and m.unavailable_reason(device, dtype, hyper) is None]

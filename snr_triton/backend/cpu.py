@@ -2,10 +2,8 @@
 
 Eager torch ops write a temporary per intermediate and run ~20x slower than fused AdamW on a
 CPU. The C source is compiled once per machine with the system C compiler and cached under
-~/.cache/snr-triton (or $SNR_TRITON_CACHE), keyed by the source, flags, compiler and CPU. The
-cache is safe under real use: processes starting together (DDP ranks) compile once under a
-file lock, a library is used only if its checksum matches the one written after its compile,
-and an unwritable cache directory falls back to a private temporary one.
+~/.cache/snr-triton (or $SNR_TRITON_CACHE), keyed by the source, flags, compiler and CPU; the
+cache trusts only what this user alone could have written (kernel_cache.py).
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,7 +22,7 @@ from .. import fused_op
 from ..contract import CPU_DTYPES, GATE_IDS, c_defines
 from ..hyperparams import Hyper
 from ..param_states import BucketStates, Slot
-from . import Degraded, kernel_file
+from . import Degraded, kernel_cache, kernel_file
 
 CHUNK = 1 << 15  # elements per work item: large enough to amortize, small enough to balance threads
 PARALLEL_MIN = 1 << 18  # below this many elements a step runs on the calling thread alone
@@ -76,9 +72,7 @@ def _flags() -> list[str]:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SNR_TRITON_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "snr-triton")
-    return Path(root)
+    return kernel_cache.default_dir()
 
 
 def _cpu_signature() -> bytes:
@@ -100,53 +94,13 @@ def library_name() -> str:
     return f"snr_adamw_cpu-{tag}.so"
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _writable_cache() -> Path:
-    """The cache directory, or a private temporary one when it cannot be written (a read-only home)."""
-    root = cache_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-        return root
-    except OSError as e:
-        private = Path(tempfile.mkdtemp(prefix="snr-triton-"))
-        warnings.warn(f"SNRAdamW: the kernel cache {root} is not writable ({e.strerror}); compiling into "
-                      f"{private} for this process", UserWarning, stacklevel=2)
-        return private
-
-
-def _build(path: Path) -> None:
+def _build(out: Path) -> None:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        out = Path(tmp) / path.name
-        proc = subprocess.run([cc, *_flags(), str(_source()), "-o", str(out), "-lm"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-        digest = _digest(out)
-        os.replace(out, path)  # atomic: a reader never sees a partial file under this name
-    Path(f"{path}.sha256").write_text(digest)
-
-
-def _cached_library() -> Path:
-    """Path of a verified library: built once under an exclusive lock, rebuilt when the file does
-    not match the checksum written after its compile (truncated, corrupted, half-copied)."""
-    import fcntl  # POSIX only: imported where it is used, so this module imports everywhere
-
-    root = _writable_cache()
-    path = root / library_name()
-    with open(root / f"{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we crash
-        checksum = Path(f"{path}.sha256")
-        if not (path.exists() and checksum.exists() and checksum.read_text().strip() == _digest(path)):
-            _build(path)
-    return path
+    proc = subprocess.run([cc, *_flags(), str(_source()), "-o", str(out), "-lm"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
 
 
 def load_library() -> ctypes.CDLL:
@@ -158,7 +112,7 @@ def load_library() -> ctypes.CDLL:
     if _library_error is not None:
         raise RuntimeError(_library_error)
     try:
-        lib = ctypes.CDLL(str(_cached_library()))
+        lib = kernel_cache.load(library_name(), _build)
         lib.snr_adamw_contract.restype = ctypes.c_int64
         values = (ctypes.c_int64 * len(_CONTRACT_ORDER))()
         if lib.snr_adamw_contract(values) != len(_CONTRACT_ORDER) or \
