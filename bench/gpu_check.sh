@@ -2,7 +2,9 @@
 # The one prepared GPU check (at most 9.5 minutes, about 6 on an H200; nothing to install: torch with CUDA,
 # triton, pytest, pytest-xdist, pytest-timeout and hypothesis must be there, no network):
 #   1. `snr-triton check` on the GPU: every kernel variant compiled, against the float64 reference;
-#   2. the CUDA-only tests (CUDA-graph capture, torch.compile of a training step, >2^31 elements);
+#   2. the CUDA-only tests (CUDA-graph capture, torch.compile of a training step, >2^31 elements,
+#      20 steps with fresh grads, a changing active set, GradScaler and stats under
+#      torch.cuda.set_sync_debug_mode("error"): no host synchronization in step());
 #   3. the benchmark table: 16M, 64M, 256M and 1G params in fp32 and bf16 (and bf16 states),
 #      ms/step, GB/s, % of a same-size copy, ratios to torch.optim.AdamW fused and foreach, host
 #      overhead with 1,000 tensors;

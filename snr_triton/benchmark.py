@@ -225,6 +225,48 @@ def host_overhead(device: torch.device, tensors: int = 1000, steps: int = 20) ->
     return out
 
 
+def llama_layout() -> list[int]:
+    """The tensors of a 6.7B-param Llama (32 layers, d=4096, MLP 11008, vocab 32000): 291 tensors."""
+    d, f, vocab = 4096, 11008, 32000
+    layer = [d * d] * 4 + [d * f] * 3 + [d] * 2
+    return [vocab * d] + layer * 32 + [d, vocab * d]
+
+
+def layout_host_ms(steps: int = 20) -> dict[str, float]:
+    """Host time of a step for the 6.7B-param Llama layout, without its 27 GB: per step, the host
+    work is per tensor whatever its size, so 291 8-element tensors with fresh grads stand in (the
+    CPU backend's whole step, its tiny kernel included); the block map, the one part that grows
+    with the elements (one int32 per block), is built once per active set and timed at the real
+    sizes, with stand-in slots that only carry sizes."""
+    from types import SimpleNamespace
+
+    from .param_states import BucketStates
+    from .tables import BlockMap
+
+    numels = llama_layout()
+    ps = [torch.nn.Parameter(torch.randn(8)) for _ in numels]
+    opt = SNRAdamW(ps, backend="cpu")
+    times = []
+    for k in range(steps + 1):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        t = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    tiny = torch.zeros(4)
+    slots = [SimpleNamespace(real=(tiny, tiny, tiny), numel=n, index=i, seed=i, dense=True, contiguous=True,
+                             real_stride=(1,)) for i, n in enumerate(numels)]
+    bucket = BucketStates({}, torch.device("cpu"), torch.float32, torch.float32)
+    builds = {}
+    for block in (1024, 1 << 15):  # the Triton kernel's block, the C kernel's chunk
+        t = time.perf_counter()
+        BlockMap(bucket, slots, block)
+        builds[block] = time.perf_counter() - t
+    return {"params": float(sum(numels)), "tensors": float(len(numels)),
+            "step_host_ms": 1e3 * statistics.median(times[1:]),
+            "map_build_ms_block_1024": 1e3 * builds[1024], "map_build_ms_block_32768": 1e3 * builds[1 << 15]}
+
+
 def first_step_seconds() -> dict[str, float]:
     """Time of the first step in a fresh process: the CPU kernel cold (compiled into an empty
     cache) and warm (cached library), for 1M params."""
@@ -271,6 +313,12 @@ def run(devices: list[str], sizes: list[int] | None, steps: int, dtypes: list[st
                   + ", ".join(f"{k} {v:.2f}" + (f" ({v / base:.2f}x fused)" if base else "") for k, v in times.items()))
         entry = {"name": name, "rows": rows_all, "host_overhead_ms": overhead}
         if device.type == "cpu":
+            layout = layout_host_ms()
+            print(f"\nHost time, the 6.7B-param Llama layout ({int(layout['tensors'])} tensors, fresh grads): "
+                  f"{layout['step_host_ms']:.2f} ms/step; its block map, built once per active set: "
+                  f"{layout['map_build_ms_block_1024']:.0f} ms (Triton's 1,024-element blocks), "
+                  f"{layout['map_build_ms_block_32768']:.1f} ms (the C kernel's chunks)")
+            entry["llama_6_7b_layout"] = layout
             first = first_step_seconds()
             print("First step, 1M params, fresh process (SNRAdamW cpu kernel), s: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in first.items()))

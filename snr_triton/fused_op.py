@@ -5,8 +5,11 @@ Like bitsandbytes' op schemas: `register(name, launch, block)` wraps a backend's
 torch.compile the step is one opaque, mutating call (no graph break, correct aliasing: every
 state tensor it writes is an argument); a tensor lr is an input, so an lr schedule does not
 recompile. Inside the op the bucket's block map is found (tables.py), the addresses refreshed,
-and the backend's `launch` gets everything by name. Host reads of CPU tensors (a CPU found_inf,
-a CPU lr) happen inside the op, where the compiler does not see them.
+and the backend's `launch` gets everything by name. Where an lr tensor is read: one on the
+params' device is an input of the op (the Triton kernel loads it on the GPU; the CPU op reads
+it on the host, inside the op, where the compiler does not see it); a CPU lr next to CUDA
+params is read in `call` (host memory: no GPU synchronization). A CPU found_inf is read inside
+the CPU op.
 """
 
 from __future__ import annotations

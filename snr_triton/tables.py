@@ -49,17 +49,28 @@ class BlockMap:
         self.numel = sum(slot.numel for slot in slots)
         self.num_blocks = first
         # the row of each block: one int32 per block (6.5M for a 6.7B-param model), made by torch
-        self.block_tensor = torch.repeat_interleave(torch.arange(len(slots), dtype=torch.int32),
-                                                    torch.tensor(blocks, dtype=torch.int64)).to(bucket.device)
+        self.keep: list[Tensor] = []  # pinned sources of copies a CUDA graph may replay
+        self.block_tensor = self._to_device(torch.repeat_interleave(torch.arange(len(slots), dtype=torch.int32),
+                                                                    torch.tensor(blocks, dtype=torch.int64)))
         indices = [slot.index for slot in slots]
         # step += 1 for the active slots: one op; a plain add_ when they are the first n in order
         self.step_prefix = len(indices) if indices == list(range(len(indices))) else None
-        self.step_index = torch.tensor(indices, dtype=torch.int64).to(bucket.device)
+        self.step_index = self._to_device(torch.tensor(indices, dtype=torch.int64))
         self.rows = self.static.clone() if bucket.device.type == "cpu" else \
             torch.empty_like(self.static, device=bucket.device)
         self.addresses: list[int] | None = None  # what the rows point at: [param, grad] * n (+ states)
-        self.keep: list[Tensor] = []  # pinned sources of copies a CUDA graph may replay
         self.partials: Tensor | None = None  # per-block partial stats sums, made on first use
+
+    def _to_device(self, host: Tensor) -> Tensor:
+        """A host tensor on the bucket's device without a host synchronization: a non-blocking copy
+        from pinned memory (the caching host allocator keeps it until the copy has run; under
+        CUDA-graph capture it is kept for replays)."""
+        if self.device.type == "cpu":
+            return host
+        pinned = host.pin_memory()
+        if torch.cuda.is_current_stream_capturing():
+            self.keep.append(pinned)
+        return pinned.to(self.device, non_blocking=True)
 
     def refresh(self, addresses: list[int], states: list[int] | None = None) -> None:
         """Point the rows at these param and grad addresses ([p0, g0, p1, g1, ...]) and, when given
@@ -85,13 +96,8 @@ class BlockMap:
         self.states_moved = states is not None
         host[:, ALIGNED] = aligned
         if self.device.type != "cpu":  # on CPU the kernel runs on this thread: updated in place
-            host = host.pin_memory()
-            # stream-ordered after the previous step's launch; the caching host allocator keeps the
-            # pinned block until the copy has run. Under CUDA-graph capture the source must outlive
-            # the graph: keep it.
-            self.rows.copy_(host, non_blocking=True)
-            if torch.cuda.is_current_stream_capturing():
-                self.keep.append(host)
+            # stream-ordered after the previous step's launch, from pinned memory (see _to_device)
+            self.rows.copy_(self._to_device(host))
         self.addresses = key
 
     def count_step(self, steps: Tensor) -> None:

@@ -66,3 +66,22 @@ def test_first_step_tie_is_decided_by_the_rule_not_by_rounding(backend, dtype):
         opt.step()
         moved = p.detach() != theta
         assert torch.equal(moved, (grad != 0) if moves else torch.zeros_like(moved)), (alpha, moved.sum())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("moved", [0.0, 0.5])
+def test_the_check_catches_params_that_move_too_little(dtype, moved):
+    """Issue 24: with a tolerance of steps x eps(dtype) relative to max |param| (0.078 for bf16),
+    a backend that never moved its params scored 0.036 and passed. Made-up results that move
+    the params not at all, or half as far as the reference, must fail; the reference's own pass."""
+    from snr_triton.check import errors, simulate
+
+    case = Case(dtype=dtype)
+    params, ours, opt, refs, states = simulate(case, "eager")
+    assert passes(case, errors(case, params, ours, opt, refs, states))
+    lazy = [(p0.double() + moved * (r.double() - p0.double())).to(p0.dtype) for p0, r in zip(params, refs)]
+    for p, q in zip(ours, lazy):
+        p.data = q
+    err = errors(case, params, ours, opt, refs, states)
+    assert not passes(case, err), err
+    assert err["displacement"] >= 0.4

@@ -423,3 +423,28 @@ def test_whatever_users_do_between_steps_steps_like_adamw(backend, actions, seed
         opt.step()
         ref.step()
         assert_like_adamw(ours, opt, theirs, ref)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+def test_odd_layouts_copy_into_kept_stand_ins_without_rebuilding(backend):
+    """A non-dense param (a column slice) and a grad with other strides than its param: the old
+    path made fresh stand-ins and rebuilt the table every step. Now the stand-ins are kept with
+    the param's states, so their addresses (and the block map) stay put."""
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(6, 8, generator=gen).to(DEVICE)
+    ours = [torch.nn.Parameter(base.clone()[:, :5]), torch.nn.Parameter(torch.randn(4, 3, generator=gen).to(DEVICE))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = SNRAdamW(ours, gate="none", backend=backend, **HP)
+    ref = torch.optim.AdamW(theirs, **HP)
+    assert not ours[0].is_contiguous()
+    before = dict(tables.counters)
+    for k in range(6):
+        gs = [torch.randn(6, 5, generator=gen).to(DEVICE), torch.randn(3, 4, generator=gen).to(DEVICE).t()]
+        give(ours, gs)
+        give(theirs, gs)
+        opt.step()
+        ref.step()
+    assert tables.counters["maps_built"] - before["maps_built"] == 1
+    assert tables.counters["addresses_refreshed"] - before["addresses_refreshed"] == 1
+    assert tables.counters["stand_in_copies"] - before["stand_in_copies"] == 12  # 2 per step
+    assert_like_adamw(ours, opt, theirs, ref)

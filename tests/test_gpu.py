@@ -83,3 +83,33 @@ def test_torch_compile_of_a_full_training_step():
         train_step(twin, opts[1], x, y)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_host_synchronization_in_a_step():
+    """Issue 18: 20 steps as users run them (fresh grads from zero_grad() + backward, an active set
+    that changes, a param joining late, a CUDA tensor lr, GradScaler, stats on) with torch raising
+    on any synchronizing CUDA call inside step(). The first step (state creation) is included."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda()
+    late = torch.nn.Parameter(torch.randn(8, device="cuda"))
+    opt = SNRAdamW(list(model.parameters()) + [late], lr=torch.tensor(1e-3, device="cuda"), backend="triton",
+                   track_stats=True)
+    scaler = torch.amp.GradScaler("cuda")
+    x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 8, device="cuda")
+    for k in range(20):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x) + (late if k >= 10 else 0), y)
+        scaler.scale(loss).backward()
+        if k % 3 == 1:
+            model[0].bias.grad = None  # another active set
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    steps = opt.state[model[2].weight]["step"].item()
+    assert 15 <= steps <= 20  # GradScaler skips a few early steps while it finds its scale
+    assert opt.state[late]["step"].item() <= 10 and opt.stats()["mean_gate"] >= 0
