@@ -9,6 +9,22 @@ import torch
 
 from snr_triton import SNRAdamW
 
+pytest.importorskip("pytest_benchmark", reason="the bench extra: pip install '.[bench]'")
+ROUNDS, WARMUP = 20, 2
+
+
+def runs(benchmark) -> int:
+    """Steps taken: the first, then the timed rounds (one call under --benchmark-disable)."""
+    return 2 if benchmark.disabled else 1 + ROUNDS + WARMUP
+
+
+def check_stepped(opt, params, before, steps):
+    """What every benchmark asserts of its runs: each step counted, and every param finite and moved."""
+    for p, b in zip(params, before):
+        assert torch.isfinite(p).all()
+        assert (p.detach() != b).all()
+        assert float(opt.state[p]["step"]) == steps
+
 IMPLS = {
     "AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
     "AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
@@ -23,10 +39,12 @@ IMPLS = {
 def test_step(benchmark, impl, numel):
     p = torch.nn.Parameter(torch.randn(numel))
     p.grad = torch.randn(numel) * 1e-3
+    before = [p.detach().clone()]
     opt = IMPLS[impl]([p])
     opt.step()
     benchmark.group = f"one step, {numel >> 20}M fp32 params"
-    benchmark.pedantic(opt.step, rounds=20, warmup_rounds=2)
+    benchmark.pedantic(opt.step, rounds=ROUNDS, warmup_rounds=WARMUP)
+    check_stepped(opt, [p], before, runs(benchmark))
 
 
 @pytest.mark.parametrize("impl", ["AdamW fused", "SNRAdamW cpu"])
@@ -34,7 +52,9 @@ def test_host_overhead_1000_tensors(benchmark, impl):
     ps = [torch.nn.Parameter(torch.randn(8)) for _ in range(1000)]
     for p in ps:
         p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in ps]
     opt = IMPLS[impl](ps)
     opt.step()
     benchmark.group = "host overhead, 1000 tensors of 8"
-    benchmark.pedantic(opt.step, rounds=20, warmup_rounds=2)
+    benchmark.pedantic(opt.step, rounds=ROUNDS, warmup_rounds=WARMUP)
+    check_stepped(opt, ps, before, runs(benchmark))

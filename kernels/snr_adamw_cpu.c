@@ -75,17 +75,17 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         const float v = b2 * LOADS(v_buf[i]) + (omb2 * g) * g; /* as torch's addcmul */            \
         const float denom = sqrtf(v) * inv_bc2_sqrt + eps;                                         \
         /* the gate, overflow-safe (ALGORITHM.md "Numerics"): x = m-hat^2/c^2, y = s-hat/c^2 */    \
-        const float a = fabsf(m);                                                                  \
+        const float a = m < 0.0f ? -m : m; /* selects, not fabsf/fmaxf: those do not vectorize */  \
         const float b = first ? a : sqrtf(s) * b_scale; /* t = 1: s-hat := m-hat^2 */              \
-        const float c = fmaxf(a, b), inv = 1.0f / (c > 0.0f ? c : 1.0f);                          \
+        const float c = a > b ? a : b, inv = 1.0f / (c > 0.0f ? c : 1.0f);                         \
         const float ra = a >= b ? 1.0f : a * inv, rb = b >= a ? 1.0f : b * inv; /* max is 1 */    \
         const float x = ra * ra, y = rb * rb, tail = (tail_scale * inv) * inv;                    \
         const int above = x > alpha * y;                                                           \
-        const float d = fmaxf(x - alpha * y, 0.0f);                                                \
-        float q = GATE == GATE_SNR ? x / (x + lam_alpha * y + tail)                                \
-                : GATE == GATE_SOFT ? d / (d + lam * y + tail)                                     \
-                : GATE == GATE_HARD ? (above ? 1.0f : 0.0f) : 1.0f;                                \
-        if (GATE != GATE_NONE && !(c > 0.0f)) q = 0.0f; /* m = s = 0 */                           \
+        const float d = x - alpha * y > 0.0f ? x - alpha * y : 0.0f;                               \
+        const float gated = GATE == GATE_SNR ? x / (x + lam_alpha * y + tail)                      \
+                          : GATE == GATE_SOFT ? d / (d + lam * y + tail)                           \
+                          : (above ? 1.0f : 0.0f);                                                 \
+        const float q = GATE == GATE_NONE ? 1.0f : (c > 0.0f ? gated : 0.0f); /* m = s = 0: 0 */   \
         const float p = LOADP(param[i]) * decay - step_size * (q * m / denom);                     \
         param[i] = STOREP(p);                                                                      \
         m_buf[i] = STORES(m);                                                                      \
@@ -180,6 +180,57 @@ int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nch
         if (pthread_create(&ids[started], 0, run_chunks, &work[started]) != 0) break;
     for (int i = started; i < threads; i++) run_chunks(&work[i]); /* could not start: do it here */
     run_chunks(&work[0]);
+    for (int i = 1; i < started; i++) pthread_join(ids[i], 0);
+    return 0;
+}
+
+typedef struct {
+    const int64_t *rows;
+    const int32_t *block_tensor;
+    int64_t block, begin, end;
+    int param_bf16;
+    double *out;
+} SqWork;
+
+static void *run_sq(void *arg) {
+    const SqWork *w = (const SqWork *)arg;
+    for (int64_t c = w->begin; c < w->end; c++) {
+        const int64_t *row = w->rows + ROW_COLUMNS * (int64_t)w->block_tensor[c];
+        const int64_t start = (c - row[ROW_FIRST_BLOCK]) * w->block;
+        const int64_t left = row[ROW_NUMEL] - start, n = left < w->block ? left : w->block;
+        double sum = 0;
+        if (w->param_bf16) {
+            const uint16_t *g = (const uint16_t *)(intptr_t)row[ROW_GRAD_ADDR] + start;
+            _Pragma("omp simd reduction(+:sum)")
+            for (int64_t i = 0; i < n; i++) { const double x = bf16_to_f32(g[i]); sum += x * x; }
+        } else {
+            const float *g = (const float *)(intptr_t)row[ROW_GRAD_ADDR] + start;
+            _Pragma("omp simd reduction(+:sum)")
+            for (int64_t i = 0; i < n; i++) { const double x = g[i]; sum += x * x; }
+        }
+        w->out[c] = sum;
+    }
+    return 0;
+}
+
+/* Sum of g^2 per chunk of the active grads (max_grad_norm's global norm), in double: finite for
+ * every finite float grad. out: [nchunks]. Split over threads as snr_adamw_step is. */
+int snr_grad_sq(const int64_t *rows, const int32_t *block_tensor, int64_t nchunks, int64_t block, int param_bf16,
+                double *out, int threads) {
+    SqWork work[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > nchunks) threads = (int)nchunks;
+    if (threads < 1) threads = 1;
+    for (int i = 0; i < threads; i++) {
+        SqWork w = {rows, block_tensor, block, nchunks * i / threads, nchunks * (i + 1) / threads, param_bf16, out};
+        work[i] = w;
+    }
+    int started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], 0, run_sq, &work[started]) != 0) break;
+    for (int i = started; i < threads; i++) run_sq(&work[i]);
+    run_sq(&work[0]);
     for (int i = 1; i < started; i++) pthread_join(ids[i], 0);
     return 0;
 }

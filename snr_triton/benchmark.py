@@ -82,12 +82,27 @@ class Row:
 
 
 def _bytes(impl: str, numel: int, dtype: torch.dtype) -> int:
-    """The byte model: param and grad in their dtype, states in theirs."""
+    """The byte model: param and grad in their dtype, states in theirs; clipping adds a read of g
+    for the norm, and clip_grad_norm_ a read and a write of g to scale it."""
     p = torch.finfo(dtype).bits // 8
     if impl.startswith("AdamW"):
-        return numel * (2 * p + p + 2 * 2 * p)  # read p, g, m, v; write p, m, v (states in p's dtype)
+        clip = 3 * p if "clip" in impl else 0
+        return numel * (2 * p + p + 2 * 2 * p + clip)  # read p, g, m, v; write p, m, v (states in p's dtype)
     s = 2 if "bf16 state" in impl else 4
-    return numel * (2 * p + p + 2 * 3 * s)  # read p, g, m, v, s; write p, m, v, s
+    clip = p if "max_grad_norm" in impl else 0
+    return numel * (2 * p + p + 2 * 3 * s + clip)  # read p, g, m, v, s; write p, m, v, s
+
+
+class _ClipThenStep:
+    """The usual LLM recipe, torch.nn.utils.clip_grad_norm_(params, 1.0) then the optimizer's step."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt = opt
+        self.params = [p for g in opt.param_groups for p in g["params"]]
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+        self.opt.step()
 
 
 class _Timer:
@@ -127,6 +142,7 @@ def _implementations(device: torch.device, dtype: torch.dtype, numel: int = 0) -
     impls: dict[str, Callable] = {
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
         "AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
+        "AdamW fused + clip_grad_norm_": lambda ps: _ClipThenStep(torch.optim.AdamW(ps, fused=True)),
     }
     probe = torch.nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
     fused = SNRAdamW([probe]).backend_of(probe)
@@ -134,6 +150,7 @@ def _implementations(device: torch.device, dtype: torch.dtype, numel: int = 0) -
         impls[f"SNRAdamW {fused}"] = lambda ps: SNRAdamW(ps, backend=fused)
         impls[f"SNRAdamW {fused} bf16 state"] = lambda ps: SNRAdamW(ps, backend=fused,
                                                                     state_dtype=torch.bfloat16)
+        impls[f"SNRAdamW {fused} max_grad_norm"] = lambda ps: SNRAdamW(ps, backend=fused, max_grad_norm=1.0)
     if numel <= EAGER_MAX:
         impls["SNRAdamW eager"] = lambda ps: SNRAdamW(ps, backend="eager")
     return impls
@@ -186,7 +203,7 @@ def bench_size(device: torch.device, numel: int, dtype: torch.dtype, steps: int,
     peak = {name: max(0.0, _peak_extra(device, opt.step)) for name, opt in runs.items()}
     del runs
     copy = copy_bandwidth(device, 36 * numel // 8)  # moves the bytes of an fp32 SNRAdamW step
-    in_cache = 36 * numel < cache_bytes(device)
+    in_cache = 20 * numel < 4 * cache_bytes(device)  # working set (theta, g, m, v, s) under 4x the LLC
     base = statistics.median(samples["AdamW fused"])
     rows = []
     for name, s in samples.items():
@@ -203,7 +220,8 @@ def host_overhead(device: torch.device, tensors: int = 1000, steps: int = 20) ->
     side by side: with the same grad objects every step, and with fresh ones (what
     `zero_grad()` + backward gives; only the step is timed)."""
     out: dict[str, dict[str, float]] = {"same grads": {}, "fresh grads": {}}
-    impls = {k: v for k, v in _implementations(device, torch.float32, 0).items() if "bf16 state" not in k}
+    impls = {k: v for k, v in _implementations(device, torch.float32, 0).items()
+             if "bf16 state" not in k and "clip" not in k and "max_grad_norm" not in k}
     runs = {}
     for name, make in impls.items():
         ps = [torch.nn.Parameter(torch.randn(8, device=device)) for _ in range(tensors)]

@@ -101,3 +101,27 @@ def call(op: Callable, impl: Callable, bucket: BucketStates, slots: list[Slot], 
        grad_scale, found_inf, [float(getattr(h, k)) for k in SCALARS], h.gate, h.warmup_steps, h.maximize,
        h.stochastic_rounding, h.track_stats)
     return stats if h.track_stats else None
+
+
+def register_norm(name: str, launch_sq: Callable[[BucketStates, BlockMap], Tensor], block: int):
+    """(custom op snr_triton::<name>, its eager implementation): the sum of g^2 over a bucket's
+    active grads, a 0-dim float64 tensor on the bucket's device (max_grad_norm's norm pass). It
+    finds and refreshes the same block map as the step that follows, which then refreshes nothing."""
+
+    def impl(params: list[Tensor], grads: list[Tensor], bucket_handle: int, slots: list[int]) -> Tensor:
+        bucket = BucketStates.find(bucket_handle)
+        table = block_map(bucket, slots, block)
+        addresses, _ = operands(table, table.slots, params, grads)  # grads in their param's layout
+        table.refresh(addresses)
+        return launch_sq(bucket, table)
+
+    impl.__name__ = f"{name}_impl"
+    op = torch.library.custom_op(f"snr_triton::{name}", impl, mutates_args=())
+    op.register_fake(lambda params, grads, bucket_handle, slots: grads[0].new_empty((), dtype=torch.float64))
+    return op, impl
+
+
+def call_norm(op: Callable, impl: Callable, bucket: BucketStates, slots: list[Slot], params: list[Tensor],
+              grads: list[Tensor]) -> Tensor:
+    fn = op if torch.compiler.is_compiling() else impl
+    return fn(params, grads, bucket.handle, [s.index for s in slots])

@@ -81,6 +81,9 @@ class SNRAdamW(Optimizer):
     state_dtype: torch.float32 (default) or torch.bfloat16 to cut state bytes (every backend).
     stochastic_rounding: round bf16 params stochastically when storing them.
     track_stats: keep the gate statistics of the last step for `stats()`.
+    max_grad_norm: clip the global grad norm to this inside the step, as
+        `torch.nn.utils.clip_grad_norm_` would before it, without modifying the grads; a
+        non-finite norm skips the step (ALGORITHM.md, "Gradient clipping in the step").
     """
 
     _step_supports_amp_scaling = True
@@ -90,15 +93,19 @@ class SNRAdamW(Optimizer):
                  weight_decay: float = 1e-2, *, rho: float = 0.99, gate: str = "snr", alpha: float = 1.0,
                  softness: float = 1.0, gate_eps: float = 1e-16, warmup_steps: int = 0, maximize: bool = False,
                  backend: str = "auto", state_dtype: torch.dtype = torch.float32,
-                 stochastic_rounding: bool = False, track_stats: bool = False):
+                 stochastic_rounding: bool = False, track_stats: bool = False, max_grad_norm: float | None = None):
         defaults = dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay, gate=gate,
                         alpha=alpha, softness=softness, gate_eps=gate_eps, warmup_steps=warmup_steps,
                         maximize=maximize, backend=backend, state_dtype=state_dtype,
                         stochastic_rounding=stochastic_rounding, track_stats=track_stats)
         self._hyper(defaults)
+        _check_max_grad_norm(max_grad_norm)
         self._reset_caches()
         super().__init__(params, defaults)
         self.state = TrackedState(self.state)
+        # the whole optimizer's, not a group's: one norm over every group (kept in defaults, which
+        # pickling and deepcopy keep, and taken out of each group)
+        self.defaults["max_grad_norm"] = max_grad_norm
 
     # ----------------------------------------------------------------- groups
     @staticmethod
@@ -113,6 +120,9 @@ class SNRAdamW(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check a merged copy first: a rejected group must not be half-added.
+        if "max_grad_norm" in param_group:
+            raise ValueError("max_grad_norm is the whole optimizer's (one norm over every group): pass it to "
+                             f"SNRAdamW(..., max_grad_norm=...), not in param group {len(self.param_groups)}")
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         where = f" (param group {len(self.param_groups)})"
         hyper = self._hyper(merged, where)
@@ -131,6 +141,7 @@ class SNRAdamW(Optimizer):
             seen[id(p)] = i
             self._choose(merged["backend"], p.device, real_dtype(p), hyper, where)
         super().add_param_group({**param_group, "params": params})
+        self.param_groups[-1].pop("max_grad_norm", None)
 
     @staticmethod
     def _choose(name: str, device: torch.device, dtype: torch.dtype, hyper: Hyper, where: str):
@@ -157,7 +168,7 @@ class SNRAdamW(Optimizer):
         # The last step's gate statistics: "stats" holds (group index, params, numels, device sums per
         # param). step() only mutates this dict, never assigns an attribute of the optimizer: dynamo
         # in torch 2.11 fails on attribute assignment to an optimizer (pytorch/pytorch#171590).
-        self._last: dict[str, Any] = {"stats": [], "found_inf": None}
+        self._last: dict[str, Any] = {"stats": [], "found_inf": None, "grad_norm": None, "skipped": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -176,6 +187,9 @@ class SNRAdamW(Optimizer):
         """torch.optim's state dict, each param's state a plain dict (as torch.optim.AdamW's)."""
         saved = super().state_dict()
         saved["state"] = {k: dict(v) if isinstance(v, StateEntry) else v for k, v in saved["state"].items()}
+        skipped = self._last["skipped"]
+        if skipped is not None:  # stats()'s count of skipped steps, so a resumed run counts on
+            saved["skipped_steps"] = int(skipped.item())
         return saved
 
     @torch._disable_dynamo
@@ -217,6 +231,8 @@ class SNRAdamW(Optimizer):
             if "param_names" in old and "param_names" not in new:
                 new["param_names"] = old["param_names"]
         self.__setstate__({"state": state, "param_groups": groups})
+        if state_dict.get("skipped_steps"):
+            self._last["skipped"] = torch.tensor(float(state_dict["skipped_steps"]), dtype=torch.float64)
         # Make every param's states now, so state (an AdamW checkpoint's exp_grad_var included) is final.
         repairs = []
         for gi, group in enumerate(self.param_groups):
@@ -412,6 +428,13 @@ class SNRAdamW(Optimizer):
         return _Repair(gi, i, p, g, real.device, real_dtype(p), source, entry, slot)
 
     def _run(self, plan: list[Work], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        max_norm = self.defaults.get("max_grad_norm")
+        if max_norm is not None and plan:
+            grad_scale, found_inf = self._clip(plan, max_norm, grad_scale, found_inf)
+        if found_inf is not None:  # skipped steps, counted on the device
+            skipped = self._last["skipped"]
+            found = (found_inf != 0).double()
+            self._last["skipped"] = found if skipped is None else skipped.to(found) + found
         self._last["stats"], self._last["found_inf"] = [], found_inf
         for work in plan:
             real_params = work.real_params if work.real_params is not None else work.params
@@ -419,6 +442,41 @@ class SNRAdamW(Optimizer):
                                      grad_scale=grad_scale, found_inf=found_inf)
             if sums is not None:  # kept on the device; read only by stats()
                 self._last["stats"].append((work.group_index, work.params, [s.numel for s in work.slots], sums))
+
+    def _clip(self, plan: list[Work], max_norm: float, grad_scale: Tensor | None,
+              found_inf: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The global grad norm N of this step (every bucket's grads, after GradScaler's unscale; a
+        DTensor's over all its shards) and clip_grad_norm_'s coefficient k = min(1, c / (N + 1e-6)),
+        folded into the grad scale the kernels divide by; a non-finite N is a found_inf. All on the
+        device of the first bucket: no host read."""
+        device = plan[0].bucket.device
+        total = None
+        for work in plan:
+            real_params = work.real_params if work.real_params is not None else work.params
+            for part in _by_mesh(work, real_params):
+                partial = work.backend.grad_sq_sum(work.bucket, *part[:3])
+                if part[3] is not None:  # local shards of DTensors: the sum over the mesh
+                    partial = _sum_over_shards(partial, *part[3])
+                partial = partial.to(device, non_blocking=True)
+                total = partial if total is None else total + partial
+        scale = grad_scale.to(device, torch.float64, non_blocking=True) if grad_scale is not None else None
+        norm = total.sqrt() if scale is None else total.sqrt() / scale
+        self._last["grad_norm"] = norm.float()
+        k = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        bad = (~torch.isfinite(norm)).float()
+        found = bad if found_inf is None else bad + found_inf.to(device, torch.float32, non_blocking=True)
+        divide_by = (1.0 / k) if scale is None else scale / k  # g / divide_by = g * k / grad_scale
+        return torch.where(bad > 0, 1.0, divide_by).float(), found
+
+    def last_grad_norm(self) -> Tensor:
+        """N, the global grad norm of the last step (after GradScaler's unscale, before clipping), as
+        a 0-dim tensor on the first param's device: reading it is the only synchronization."""
+        if self.defaults.get("max_grad_norm") is None:
+            raise RuntimeError("last_grad_norm() needs SNRAdamW(..., max_grad_norm=...): without it the "
+                               "step computes no norm (use torch.nn.utils.get_total_norm)")
+        if self._last["grad_norm"] is None:
+            raise RuntimeError("last_grad_norm(): no step has run yet")
+        return self._last["grad_norm"]
 
     # ----------------------------------------------------------------- monitor
     def stats(self, per_param: bool = False) -> dict[str, Any]:
@@ -454,9 +512,46 @@ class SNRAdamW(Optimizer):
         present = [g for g in groups if g is not None]
         total = torch.stack(present).sum(0) if present else None
         out = {**_stats_dict(total), "groups": [_stats_dict(g) for g in groups]}
+        skipped = self._last["skipped"]
+        out["skipped_steps"] = int(skipped.item()) if skipped is not None else 0
         if per_param:
             out["params"] = {name: _stats_dict(row) for name, row in names.items()}
         return out
+
+
+def _check_max_grad_norm(value: Any) -> None:
+    if value is None:
+        return
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"max_grad_norm must be None (no clipping) or a finite number > 0, got {value!r}")
+
+
+def _by_mesh(work: Work, real_params: list[Tensor]):
+    """The bucket's active (slots, params, grads) as the norm pass takes them: one part for plain
+    tensors; for DTensors one part per (mesh, placements), with what to sum their shards over."""
+    if all(s.placements is None for s in work.slots):
+        yield work.slots, real_params, work.real_grads, None
+        return
+    parts: dict[Any, list] = {}
+    for s, p, g in zip(work.slots, real_params, work.real_grads):
+        key = None if s.placements is None else (id(s.placements[0]), tuple(s.placements[1]))
+        parts.setdefault(key, [[], [], [], s.placements]).__getitem__(0).append(s)
+        parts[key][1].append(p)
+        parts[key][2].append(g)
+    for slots, ps, gs, placements in parts.values():
+        yield slots, ps, gs, placements
+
+
+def _sum_over_shards(partial: Tensor, mesh: Any, placements: Any) -> Tensor:
+    """A local sum of squares of Shard-placed grads, summed over the mesh dims they are sharded on
+    (as torch.nn.utils.get_total_norm does for DTensors); Replicate dims hold copies, not parts."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    kinds = [Partial() if pl.is_shard() else Replicate() for pl in placements]
+    return DTensor.from_local(partial, mesh, kinds, run_check=False).full_tensor()
 
 
 def _check_once(work: Work) -> None:

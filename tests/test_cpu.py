@@ -103,3 +103,36 @@ def test_cpu_kernel_refuses_what_it_cannot_do():
     q = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="stochastic rounding"):
         SNRAdamW([q], backend="cpu", stochastic_rounding=True)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_threaded_path_steps_every_chunk(threads):
+    """Buckets of at least PARALLEL_MIN elements are split over threads. Issue 24: every test used a
+    few thousand elements, so a wrong split (`nchunks / threads * i`: with 2 threads and 9 chunks
+    the last chunk never moves) passed. 2^18 + 2^15 elements make 9 chunks; a second tensor makes
+    chunks of two tensors; against the float64 reference."""
+    from snr_triton import reference
+    from snr_triton.hyperparams import DEFAULTS
+
+    sizes = (cpu.PARALLEL_MIN + cpu.CHUNK, 3 * cpu.CHUNK + 5)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [[torch.randn(n, generator=gen) for n in sizes] for _ in range(3)]
+    hp = dict(DEFAULTS, lr=1e-2, alpha=0.7)
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = SNRAdamW(params, backend="cpu", **{k: v for k, v in hp.items()})
+    refs, states = [t.double() for t in init], [reference.new_state(t) for t in init]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+            for r, g, st in zip(refs, gs, states):
+                reference.reference_step(r, g, st, **hp)
+    finally:
+        torch.set_num_threads(previous)
+    for p, r, p0 in zip(params, refs, init):
+        assert (p.detach() != p0).all()  # every element moved: no chunk left out
+        torch.testing.assert_close(p.detach().double(), r, rtol=0, atol=1e-6)

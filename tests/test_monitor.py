@@ -83,3 +83,22 @@ def test_per_param_stats_need_named_parameters():
     opt.step()
     with pytest.raises(ValueError, match=r"needs named parameters: pass model.named_parameters\(\)"):
         opt.stats(per_param=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_after_a_skipped_step_count_nothing(backend):
+    """Issue 24: a GradScaler-skipped step (found_inf != 0) steps no element, so the stats are those
+    of an empty step: mean_gate and frac_above NaN (0/0), signal and noise 0, per group too.
+    Counting the skipped elements (mean_gate 0.0) passed every test before."""
+    p = torch.nn.Parameter(torch.randn(64, device=DEVICE))
+    opt = SNRAdamW([p], backend=backend, track_stats=True)
+    p.grad = torch.randn(64, device=DEVICE)
+    opt.step()
+    assert opt.stats()["mean_gate"] > 0
+    p.grad = torch.randn(64, device=DEVICE)
+    opt.step(grad_scale=torch.tensor(1.0, device=DEVICE), found_inf=torch.tensor(1.0, device=DEVICE))
+    stats = opt.stats()
+    for where in (stats, stats["groups"][0]):
+        assert math.isnan(where["mean_gate"]) and math.isnan(where["frac_above"])
+        assert where["signal"] == 0 and where["noise"] == 0
+    assert opt.state[p]["step"].item() == 1

@@ -295,3 +295,39 @@ def test_param_with_state_but_no_grad_is_left_alone(backend):
         assert opt.state[p]["step"].item() == st["step"]
         assert rel(p, r) <= 4 * EPS32
     assert [opt.state[p]["step"].item() for p in params] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_adamw_checkpoint_with_other_betas_and_rho_closed_form(backend):
+    """Issue 24: the AdamW-loading test took its expected exp_grad_var from the very function the
+    code calls, with default betas and rho only. Here: betas (0.8, 0.95), rho 0.9, after 4 AdamW
+    steps; ALGORITHM.md: s-hat = max(v-hat - m-hat^2, 0), stored as s = s-hat * (1 - rho^t)."""
+    shapes = [(6,), (2, 3)]
+    theirs = make_params(shapes)
+    adamw = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.8, 0.95))
+    run(adamw, theirs, grad_stream(shapes, 4))
+    ours = make_params(shapes)
+    opt = SNRAdamW(ours, lr=1e-2, betas=(0.8, 0.95), rho=0.9, backend=backend)
+    opt.load_state_dict(adamw.state_dict())
+    t = 4
+    for p, q in zip(ours, theirs):
+        m, v = adamw.state[q]["exp_avg"].double(), adamw.state[q]["exp_avg_sq"].double()
+        mhat, vhat = m / (1 - 0.8**t), v / (1 - 0.95**t)
+        expected = torch.clamp(vhat - mhat * mhat, min=0) * (1 - 0.9**t)
+        torch.testing.assert_close(opt.state[p]["exp_grad_var"].double(), expected, rtol=1e-6, atol=1e-12)
+        assert opt.state[p]["step"].item() == t
+
+
+def test_an_amsgrad_checkpoint_loads_with_a_warning_and_without_max_exp_avg_sq():
+    shapes = [(5,)]
+    theirs = make_params(shapes)
+    adamw = torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True)
+    run(adamw, theirs, grad_stream(shapes, 2))
+    assert "max_exp_avg_sq" in adamw.state[theirs[0]]
+    ours = make_params(shapes)
+    opt = SNRAdamW(ours, lr=1e-2)
+    with pytest.warns(UserWarning, match="amsgrad=True: SNRAdamW has no amsgrad; max_exp_avg_sq is ignored"):
+        opt.load_state_dict(adamw.state_dict())
+    assert set(opt.state[ours[0]]) == {"step", "exp_avg", "exp_avg_sq", "exp_grad_var"}
+    assert "amsgrad" not in opt.param_groups[0]
+    torch.testing.assert_close(opt.state[ours[0]]["exp_avg_sq"], adamw.state[theirs[0]]["exp_avg_sq"])

@@ -95,3 +95,64 @@ def test_adam_state_to_exp_grad_var():
     shat = s / (1 - rho**t)
     torch.testing.assert_close(shat, torch.clamp(vhat - mhat**2, min=0), rtol=1e-14, atol=0)
     assert shat[2] == 0 and shat[0] > 0  # v-hat < m-hat^2 clamps to zero
+
+
+# Two steps worked out by hand from ALGORITHM.md (issue 24: every closed form was at t = 1, where
+# s-hat is replaced by m-hat^2, so dropping s's bias correction passed). beta1 = 0.9, beta2 = 0.999,
+# rho = 0.99; grads (1, 1) on coordinate 0 (a steady signal), (1, -1) on coordinate 1 (noise),
+# (2, 2) on coordinate 2 (coordinate 0 scaled: the gate is scale-invariant).
+#   step 1: m = 0.1 g, v = 0.001 g^2, s = 0.01 g^2 (m was 0); m-hat = g, v-hat = g^2, s-hat := m-hat^2
+#   step 2, coordinate 0: m = 0.09 + 0.1 = 0.19, v = 0.000999 + 0.001 = 0.001999,
+#           s = 0.99 * 0.01 + 0.01 * (1 - 0.1)^2 = 0.018; bc1 = 0.19, bc2 = 0.001999, bc3 = 0.0199:
+#           m-hat = 1, v-hat = 1, s-hat = 0.018 / 0.0199
+#   step 2, coordinate 1: m = 0.09 - 0.1 = -0.01, v = 0.001999, s = 0.0099 + 0.01 * 1.1^2 = 0.022:
+#           m-hat = -0.01 / 0.19, v-hat = 1, s-hat = 0.022 / 0.0199
+SHAT = (0.018 / 0.0199, 0.022 / 0.0199, 4 * 0.018 / 0.0199)
+MHAT = (1.0, -0.01 / 0.19, 2.0)
+VHAT = (1.0, 1.0, 4.0)
+LAM, LR, WD, EPS, DELTA = 0.5, 0.1, 0.1, 1e-8, 1e-16
+
+
+def by_hand(gate, alpha):
+    """theta after the two steps, for theta_0 = (1, -2, 0.5)."""
+    def q(mhat, shat):
+        a = mhat * mhat
+        if gate == "snr":
+            return a / (a + LAM * alpha * shat + DELTA)
+        if gate == "soft":
+            d = max(a - alpha * shat, 0.0)
+            return d / (d + LAM * shat + DELTA)
+        return 1.0 if a > alpha * shat else 0.0  # hard
+
+    out = []
+    for theta, g1, mhat, vhat, shat in zip((1.0, -2.0, 0.5), (1.0, 1.0, 2.0), MHAT, VHAT, SHAT):
+        q1 = q(g1, g1 * g1)  # t = 1: s-hat := m-hat^2
+        theta = theta * (1 - LR * WD) - LR * q1 * g1 / (abs(g1) + EPS)
+        theta = theta * (1 - LR * WD) - LR * q(mhat, shat) * mhat / (vhat ** 0.5 + EPS)
+        out.append(theta)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("gate,alpha", [("snr", 1.0), ("snr", 0.3), ("soft", 0.5), ("hard", 1.0), ("hard", 0.999)])
+def test_two_steps_by_hand(gate, alpha):
+    p = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    st = reference.new_state(p)
+    hp = dict(DEFAULTS, gate=gate, alpha=alpha, softness=LAM, lr=LR, weight_decay=WD)
+    for g in (torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, -1.0, 2.0])):
+        reference.reference_step(p, g.double(), st, **hp)
+    torch.testing.assert_close(p, by_hand(gate, alpha), rtol=1e-12, atol=0)
+    shat = st["exp_grad_var"] / (1 - 0.99**2)
+    torch.testing.assert_close(shat, torch.tensor(SHAT, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_a_closed_gate_still_decays_the_weight():
+    """hard, alpha = 1: coordinate 1 (noise) has m-hat^2 = 0.0028 < s-hat = 1.1: q = 0 at step 2, so
+    only the decoupled weight decay moves it (ALGORITHM.md: the decay is not gated)."""
+    p = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    st = reference.new_state(p)
+    hp = dict(DEFAULTS, gate="hard", alpha=1.0, softness=LAM, lr=LR, weight_decay=WD)
+    reference.reference_step(p, torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64), st, **hp)
+    after_one = p.clone()
+    q = reference.reference_step(p, torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64), st, **hp)["q"]
+    assert q.tolist() == [1.0, 0.0, 1.0]
+    assert p[1].item() == pytest.approx(after_one[1].item() * (1 - LR * WD), rel=1e-15)

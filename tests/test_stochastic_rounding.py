@@ -61,3 +61,22 @@ def test_stochastic_rounding_stays_unbiased_over_many_steps(backend):
     (moved,) = _sr_run(backend, [0], steps=20)
     assert abs(moved.mean().item() - 6.0) < 0.15
     assert moved.std().item() > 1.0  # random, not a deterministic 6
+
+
+def test_eager_stochastic_rounding_gives_each_piece_its_own_stream():
+    """Issue 24: the eager backend steps tensors above 2^20 elements in pieces, each with the seed
+    `param seed + k`; nothing tested it. A 2^21-element param is two pieces: with one stream for
+    both, their rounding decisions would repeat element for element. Both stay unbiased."""
+    from snr_triton.backend import eager
+
+    n, ulp = 2 * eager.PIECE, 2.0**-7
+    w = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    opt = SNRAdamW([w], lr=0.3 * ulp, gate="none", weight_decay=0.0, backend="eager", stochastic_rounding=True)
+    w.grad = -torch.ones_like(w)
+    opt.step()
+    up = ((w.float() - 1.0) / ulp).round()
+    first, second = up[: eager.PIECE], up[eager.PIECE:]
+    assert not torch.equal(first, second)
+    assert (first == second).float().mean().item() < 0.7  # independent: 0.3^2 + 0.7^2 = 0.58 agree
+    for part in (first, second):
+        assert abs(part.mean().item() - 0.3) < 0.01

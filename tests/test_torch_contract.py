@@ -183,3 +183,26 @@ def test_zero_grad_steps(backend, gate):
         for a, b in zip(m.parameters(), twin.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert all(opt.state[p]["step"].item() == 3 for p in m.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", ["snr", "soft", "hard"])
+def test_zero_grads_step_every_gate_as_the_reference(backend, gate):
+    """Issue 24: zero grads are a real step (moments decay, weight decay applies) for every gate,
+    not only for gate="none": two real steps, then two of zero grads, against the float64 reference."""
+    from snr_triton import reference
+    from snr_triton.hyperparams import DEFAULTS
+
+    gen = torch.Generator().manual_seed(4)
+    init = torch.randn(20, generator=gen)
+    grads = [torch.randn(20, generator=gen), torch.randn(20, generator=gen), torch.zeros(20), torch.zeros(20)]
+    hp = dict(DEFAULTS, gate=gate, lr=1e-2, weight_decay=0.1, alpha=0.5)
+    p = torch.nn.Parameter(init.clone().to(DEVICE))
+    opt = SNRAdamW([p], backend=backend, **hp)
+    ref, st = init.double(), reference.new_state(init)
+    for g in grads:
+        p.grad = g.to(DEVICE)
+        opt.step()
+        reference.reference_step(ref, g.double(), st, **hp)
+    torch.testing.assert_close(p.detach().cpu().double(), ref, rtol=1e-6, atol=1e-7)
+    assert opt.state[p]["step"].item() == 4

@@ -1,21 +1,24 @@
 """The backends: one interface, one registry, one order for `auto`.
 
-Every backend module exposes the same two functions:
+Every backend module exposes the same three functions:
 
     unavailable_reason(device, dtype, hyper) -> str | None
         None when it can step params of this (real) dtype on this device with these settings,
         else what to do instead.
     step(bucket, slots, params, grads, hyper, *, grad_scale, found_inf) -> Tensor | None
         One step of the active `params` (local real views, with their `grads`) of one bucket
-        (param_states.BucketStates), whose states their `slots` hold; returns, when hyper.track_stats, the gate statistics' sums per param on the
-        device (shape [len(params), len(contract.STATS)]), else None. A non-zero found_inf
-        makes it a no-op.
+        (param_states.BucketStates), whose states their `slots` hold; returns, when
+        hyper.track_stats, the gate statistics' sums per param on the device (shape
+        [len(params), len(contract.STATS)]), else None. A non-zero found_inf makes it a no-op.
+    grad_sq_sum(bucket, slots, params, grads) -> Tensor
+        The sum of g^2 over the active grads (0-dim, float64, on the bucket's device): the norm
+        pass of `max_grad_norm`, before any bucket steps. One read of each grad.
 
 and may declare AUTO_DEVICE_TYPES, the device types `auto` may pick it for (default: all):
 Triton on a CPU runs interpreted, for tests, and is used only when named.
 
 `auto` takes the first backend of ORDER that is available. Adding a backend means adding a
-module with these two functions and its name to ORDER.
+module with these three functions and its name to ORDER.
 
 (The package is `backend`, not `backends`: torch.compile skips every file whose path contains
 "triton/backends", which snr_triton/backends/ would, and the step would break its graph.)

@@ -126,6 +126,10 @@ def load_library() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.POINTER(_Hyper), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_int]
+    sq = lib.snr_grad_sq
+    sq.restype = ctypes.c_int
+    sq.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.c_int]
     _library = lib
     return lib
 
@@ -159,3 +163,19 @@ def step(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: l
          grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
     return fused_op.call(fused_step_op, fused_step, bucket, slots, params, grads, hyper, grad_scale, found_inf,
                          torch.float64)
+
+
+def _launch_sq(bucket: BucketStates, table) -> Tensor:
+    partials = torch.empty(table.num_blocks, dtype=torch.float64)
+    load_library().snr_grad_sq(table.rows.data_ptr(), table.block_tensor.data_ptr(), table.num_blocks, CHUNK,
+                               int(bucket.dtype == torch.bfloat16), partials.data_ptr(),
+                               torch.get_num_threads() if table.numel >= PARALLEL_MIN else 1)
+    return partials.sum()
+
+
+grad_sq_op, grad_sq = fused_op.register_norm("cpu_grad_sq", _launch_sq, CHUNK)
+
+
+def grad_sq_sum(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """Sum of g^2 over the active grads (float64): one read of each grad, by the C kernel."""
+    return fused_op.call_norm(grad_sq_op, grad_sq, bucket, slots, params, grads)

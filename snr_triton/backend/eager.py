@@ -218,3 +218,10 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
     _store(exp_avg_sqs, v)
     _store(exp_grad_vars, s)
     return sums
+
+
+def grad_sq_sum(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """Sum of g^2 over the active grads, as torch's multi-tensor norm, accumulated in float64 (finite
+    for every finite grad)."""
+    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float64)
+    return torch.stack(norms).square().sum()

@@ -136,3 +136,20 @@ def step(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: l
          grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
     return fused_op.call(fused_step_op, fused_step, bucket, slots, params, grads, hyper, grad_scale, found_inf,
                          torch.float32)
+
+
+def _launch_sq(bucket: BucketStates, table) -> Tensor:
+    partials = torch.empty(table.num_blocks, dtype=torch.float64, device=bucket.device)
+    if table.num_blocks:
+        kernel_module().grad_sq_kernel[(table.num_blocks,)](table.rows, table.block_tensor, partials,
+                                                           PARAM_DTYPE=_tl_dtype(bucket.dtype), BLOCK=BLOCK,
+                                                           num_warps=NUM_WARPS)
+    return partials.sum()
+
+
+grad_sq_op, grad_sq = fused_op.register_norm("triton_grad_sq", _launch_sq, BLOCK)
+
+
+def grad_sq_sum(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """Sum of g^2 over the active grads (float64, on the device): one read of each grad."""
+    return fused_op.call_norm(grad_sq_op, grad_sq, bucket, slots, params, grads)

@@ -1,0 +1,151 @@
+"""Hand-written mutants of the kernels and the core, each run against the tests meant to catch it.
+
+    python bench/mutants.py [--only NAME ...] [--markdown TESTING-table.md]
+
+Each mutant is one small defect a real bug could be (a sign, a dropped term, the thread split,
+the masked tail, the t = 1 rule, the bf16 store, a skipped check), applied to a copy of the
+repository (kernels included: the copy's `snr_triton/kernels` points at its own `kernels/`, and
+the C kernel compiles into a fresh cache), then the named tests run on the copy. A mutant is
+killed when they fail. Not run in CI (minutes, not seconds); TESTING.md has the last score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutant:
+    name: str
+    path: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+
+
+C = "kernels/snr_adamw_cpu.c"
+TRITON = "kernels/snr_adamw.py"
+CPU_TESTS = ("tests/test_backends.py", "tests/test_cpu.py", "tests/test_between_steps.py")
+TRITON_TESTS = ("tests/test_backends.py", "tests/test_triton.py", "tests/test_between_steps.py", "tests/test_amp.py")
+
+MUTANTS = [
+    # the C kernel
+    Mutant("c: thread split", C, "nchunks * i / threads, nchunks * (i + 1) / threads",
+           "nchunks / threads * i, nchunks / threads * (i + 1)", ("tests/test_cpu.py",)),
+    Mutant("c: update sign", C, "* decay - step_size * (q * m / denom)", "* decay + step_size * (q * m / denom)",
+           CPU_TESTS),
+    Mutant("c: weight decay dropped", C, "LOADP(param[i]) * decay -", "LOADP(param[i]) -", CPU_TESTS),
+    Mutant("c: s before m dropped", C, "(omrho * diff) * diff", "(omrho * g) * g", CPU_TESTS),
+    Mutant("c: t = 1 rule dropped", C, "first ? a : sqrtf(s) * b_scale", "sqrtf(s) * b_scale", CPU_TESTS),
+    Mutant("c: chunk tail short by one", C, "n = left < w->block ? left : w->block;\n        char *param",
+           "n = (left < w->block ? left : w->block) - 1;\n        char *param", CPU_TESTS),
+    Mutant("c: bf16 store truncates", C, "return (uint16_t)((x.u + 0x7FFF + ((x.u >> 16) & 1)) >> 16);",
+           "return (uint16_t)(x.u >> 16);", CPU_TESTS),
+    Mutant("c: warmup off by one", C, "if (t <= (double)h->warmup_steps)", "if (t < (double)h->warmup_steps)",
+           CPU_TESTS),
+    Mutant("c: overflow-safe ratio dropped", C, "ra = a >= b ? 1.0f : a * inv, rb = b >= a ? 1.0f : b * inv",
+           "ra = a * inv, rb = b * inv", CPU_TESTS),
+    # the Triton kernel (interpreted)
+    Mutant("triton: update sign", TRITON, "p = p - (lr / bc1) * (q * m / denom)", "p = p + (lr / bc1) * (q * m / denom)",
+           TRITON_TESTS),
+    Mutant("triton: masked tail short by one", TRITON, "mask = offs < numel", "mask = offs < numel - 1", TRITON_TESTS),
+    Mutant("triton: t = 1 rule dropped", TRITON, "b = tl.where(first, a, tl.sqrt_rn(s) * bc1_over_sqrt_bc3)",
+           "b = tl.sqrt_rn(s) * bc1_over_sqrt_bc3", TRITON_TESTS),
+    Mutant("triton: bf16 store truncates", TRITON, "        x = _round_bf16(x)\n", "        x = x.to(tl.bfloat16)\n",
+           TRITON_TESTS),
+    Mutant("triton: weight decay dropped", TRITON, "p = p * (1.0 - lr * weight_decay)", "p = p", TRITON_TESTS),
+    Mutant("triton: warmup off by one", TRITON, "q = tl.where(t <= warmup_steps, 1.0, q)",
+           "q = tl.where(t < warmup_steps, 1.0, q)", TRITON_TESTS),
+    Mutant("triton: found_inf ignored", TRITON, "numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)",
+           "numel = numel", TRITON_TESTS),
+    Mutant("triton: the C = 0 guard dropped", TRITON, "q = tl.where(nonzero, q, 0.0)  # m = s = 0", "q = q",
+           TRITON_TESTS + ("tests/test_monitor.py",)),
+    # the Python core
+    Mutant("reference: s-hat without bias correction", "snr_triton/reference.py", "shat = s / (1 - rho**t)",
+           "shat = s", ("tests/test_reference.py",)),
+    Mutant("eager: rho for 1 - rho", "snr_triton/backend/eager.py", "torch._foreach_addcmul_(s, diff, diff, 1 - rho)",
+           "torch._foreach_addcmul_(s, diff, diff, rho)", ("tests/test_backends.py",)),
+    Mutant("slot: shape check dropped", "snr_triton/param_states.py", "and not g.is_sparse and p.shape == self.shape and",
+           "and not g.is_sparse and", ("tests/test_between_steps.py",)),
+    Mutant("slot: edits not noticed", "snr_triton/param_states.py", "        if owner is not None:\n            owner.edited = True",
+           "        if owner is not None:\n            pass", ("tests/test_between_steps.py",)),
+    Mutant("tables: addresses never refreshed", "snr_triton/tables.py", "        if key == self.addresses:\n            return",
+           "        if self.addresses is not None:\n            return", ("tests/test_between_steps.py",)),
+    Mutant("stats: skipped step counted", "snr_triton/optimizer.py", "                table[:, 0] = 0  # the step was skipped",
+           "                pass  # the step was skipped", ("tests/test_monitor.py",)),
+    Mutant("hyperparams: mixed betas accepted", "snr_triton/hyperparams.py", "    if any(tensors) and not all(tensors):",
+           "    if False:", ("tests/test_between_steps.py",)),
+    Mutant("optimizer: duplicate params accepted", "snr_triton/optimizer.py", "            if id(p) in seen:",
+           "            if False:", ("tests/test_between_steps.py",)),
+    Mutant("load: exp_grad_var from beta2 for rho", "snr_triton/param_states.py", "(hyper.beta1, hyper.beta2),\n                                                      hyper.rho))",
+           "(hyper.beta1, hyper.beta2),\n                                                      hyper.beta2))", ("tests/test_optimizer_api.py",)),
+    Mutant("cache: symlinks followed", "snr_triton/backend/kernel_cache.py", "fd = os.open(path, os.O_RDONLY | NOFOLLOW)",
+           "fd = os.open(path, os.O_RDONLY)", ("tests/test_cache_security.py",)),
+    Mutant("cache: any directory trusted", "snr_triton/backend/kernel_cache.py", "    if reason is None:\n        return root",
+           "    if True:\n        return root", ("tests/test_cache_security.py",)),
+]
+
+
+def copy_tree(dst: Path) -> None:
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", ".ci-*"))
+    (dst / "snr_triton" / "kernels").symlink_to(Path("..") / "kernels")  # the copy's own kernels
+
+
+def run(mutant: Mutant, timeout: int) -> tuple[str, float, str]:
+    with tempfile.TemporaryDirectory(prefix="snr-mutant-") as tmp:
+        tree = Path(tmp) / "repo"
+        copy_tree(tree)
+        target = tree / mutant.path
+        text = target.read_text()
+        if text.count(mutant.original) != 1:
+            return "stale", 0.0, f"the original text occurs {text.count(mutant.original)} times"
+        target.write_text(text.replace(mutant.original, mutant.mutated))
+        env = dict(os.environ, PYTHONPATH=str(tree), SNR_TRITON_CACHE=str(Path(tmp) / "cache"), TRITON_INTERPRET="1")
+        env.pop("CI", None)
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+                                  cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "killed (timeout)", time.perf_counter() - start, ""
+        seconds = time.perf_counter() - start
+        failed = [ln.split(" - ")[0] for ln in proc.stdout.splitlines() if ln.startswith("FAILED")]
+        summary = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else [""]
+        detail = (failed[0].removeprefix("FAILED ") if failed else summary[0]).replace("|", "/")
+        return ("killed" if proc.returncode != 0 else "SURVIVED"), seconds, detail[:120]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help="names (substrings) of the mutants to run")
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--markdown", help="also write the table to this file")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or any(o in m.name for o in args.only)]
+    rows = ["| mutant | file | tests | result | s | first failure |", "|---|---|---|---|---|---|"]
+    killed = 0
+    for m in chosen:
+        result, seconds, detail = run(m, args.timeout)
+        killed += result.startswith("killed")
+        row = f"| {m.name} | `{m.path}` | {', '.join(Path(t).name for t in m.tests)} | {result} | {seconds:.0f} | {detail} |"
+        rows.append(row)
+        print(row, flush=True)
+    summary = f"\n{killed} of {len(chosen)} mutants killed"
+    print(summary)
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(rows) + "\n" + summary + "\n")
+    return 0 if killed == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""max_grad_norm: clipping inside the step, against torch.nn.utils.clip_grad_norm_ as the truth.
+
+A twin with the same init and grads is clipped by torch and then stepped by a plain SNRAdamW;
+ours clips inside its step. Equal params and states to float32 rounding, on every backend.
+"""
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+
+from conftest import BACKENDS, DEVICE, dtypes_served
+from snr_triton import SNRAdamW
+from snr_triton.check import DTYPES
+
+HP = dict(lr=1e-2, alpha=0.5, weight_decay=0.05)
+
+
+def models(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(DEVICE, dtype)
+    return model, copy.deepcopy(model)
+
+
+def groups(model):
+    first, *rest = list(model.parameters())
+    return [{"params": [first]}, {"params": rest, "lr": 5e-3, "gate": "soft"}]
+
+
+def backward(model, k, scaler=None, zero=False):
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(16, 12, generator=gen).to(DEVICE, next(model.parameters()).dtype)
+    model.zero_grad()
+    loss = model(x).float().square().mean()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if zero:
+        for p in model.parameters():
+            p.grad.zero_()
+
+
+def close(a, b, dtype):
+    tol = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clipping active; inactive (k = 1)
+def test_equals_clip_grad_norm_then_step(backend, max_norm):
+    model, twin = models()
+    ours = SNRAdamW(groups(model), backend=backend, max_grad_norm=max_norm, **HP)
+    theirs = SNRAdamW(groups(twin), backend=backend, **HP)
+    for k in range(5):
+        for m in (model, twin):
+            backward(m, k, zero=(k == 3))  # zero grads: N = 0, k = 1
+        expected = torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()])
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm)
+        grads_before = [p.grad.clone() for p in model.parameters()]
+        ours.step()
+        theirs.step()
+        torch.testing.assert_close(ours.last_grad_norm(), expected, rtol=1e-6, atol=1e-7)
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads_before))  # grads untouched
+    for a, b in zip(model.parameters(), twin.parameters()):
+        close(a, b, torch.float32)
+        for key in ("exp_avg", "exp_avg_sq", "exp_grad_var", "step"):
+            close(ours.state[a][key], theirs.state[b][key], torch.float32)
+
+
+NARROW = [(b, d) for b in BACKENDS for d in ("bf16", "fp16") if d in dtypes_served(b)]
+
+
+@pytest.mark.parametrize("backend,dtype", NARROW)
+def test_narrow_params(backend, dtype):
+    model, twin = models(DTYPES[dtype])
+    ours = SNRAdamW(model.parameters(), backend=backend, max_grad_norm=0.05, **HP)
+    theirs = SNRAdamW(twin.parameters(), backend=backend, **HP)
+    for k in range(3):
+        for m in (model, twin):
+            backward(m, k)
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
+        ours.step()
+        theirs.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        close(a, b, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_with_grad_scaler_equals_the_unscale_clip_step_recipe(backend):
+    model, twin = models()
+    ours = SNRAdamW(model.parameters(), backend=backend, max_grad_norm=0.05, **HP)
+    theirs = SNRAdamW(twin.parameters(), backend=backend, **HP)
+    scalers = [torch.amp.GradScaler(DEVICE, init_scale=2.0**10) for _ in range(2)]
+    for k in range(4):
+        for m, scaler in zip((model, twin), scalers):
+            backward(m, k, scaler)
+        scalers[0].step(ours)
+        scalers[1].unscale_(theirs)
+        expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05)
+        scalers[1].step(theirs)
+        for s in scalers:
+            s.update()
+        torch.testing.assert_close(ours.last_grad_norm(), expected, rtol=1e-6, atol=1e-7)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        close(a, b, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_norm_skips_the_step(backend, bad):
+    model, _ = models()
+    opt = SNRAdamW(model.parameters(), backend=backend, max_grad_norm=1.0, track_stats=True, **HP)
+    backward(model, 0)
+    opt.step()
+    before = copy.deepcopy(([p.detach().clone() for p in model.parameters()],
+                            {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(model.parameters())}))
+    backward(model, 1)
+    next(model.parameters()).grad.view(-1)[3] = bad
+    opt.step()
+    for i, p in enumerate(model.parameters()):
+        assert torch.equal(p.detach(), before[0][i])
+        for k, v in before[1][i].items():
+            assert torch.equal(opt.state[p][k], v), k
+    assert not math.isfinite(opt.last_grad_norm().item())
+    stats = opt.stats()
+    assert stats["skipped_steps"] == 1 and math.isnan(stats["mean_gate"])
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), "1.0", True])
+def test_bad_max_grad_norm_is_refused(value):
+    with pytest.raises(ValueError, match="max_grad_norm must be None .* or a finite number > 0, got"):
+        SNRAdamW([torch.nn.Parameter(torch.ones(3))], max_grad_norm=value)
+
+
+def test_max_grad_norm_is_the_whole_optimizers():
+    opt = SNRAdamW([torch.nn.Parameter(torch.ones(3))], max_grad_norm=1.0)
+    assert "max_grad_norm" not in opt.param_groups[0]
+    with pytest.raises(ValueError, match="max_grad_norm is the whole optimizer's"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "max_grad_norm": 2.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+    assert "max_grad_norm" not in opt.param_groups[1]
+    assert copy.deepcopy(opt).defaults["max_grad_norm"] == 1.0
+    with pytest.raises(RuntimeError, match="needs SNRAdamW"):
+        SNRAdamW([torch.nn.Parameter(torch.ones(3))]).last_grad_norm()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])  # eager reads found_inf on the host
+def test_clipping_traces_without_graph_breaks(backend):
+    torch._dynamo.reset()
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    try:
+        model, _ = models()
+        opt = SNRAdamW(model.parameters(), lr=torch.tensor(1e-2, device=DEVICE), backend=backend, max_grad_norm=0.05)
+        backward(model, 0)
+        opt.step()
+        backward(model, 1)
+        explanation = torch._dynamo.explain(opt.step)()
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    finally:
+        torch._dynamo.reset()
