@@ -40,8 +40,10 @@ TRITON_TESTS = ("tests/test_backends.py", "tests/test_triton.py", "tests/test_be
 
 MUTANTS = [
     # the C kernel
-    Mutant("c: thread split", C, "nchunks * i / threads, nchunks * (i + 1) / threads",
-           "nchunks / threads * i, nchunks / threads * (i + 1)", ("tests/test_cpu.py",)),
+    Mutant("c: thread split", C, "stats, nchunks * i / threads, nchunks * (i + 1) / threads",
+           "stats, nchunks / threads * i, nchunks / threads * (i + 1)", ("tests/test_cpu.py",)),
+    Mutant("c: norm pass thread split", C, "block, nchunks * i / threads, nchunks * (i + 1) / threads",
+           "block, nchunks / threads * i, nchunks / threads * (i + 1)", ("tests/test_clipping.py",)),
     Mutant("c: update sign", C, "* decay - step_size * (q * m / denom)", "* decay + step_size * (q * m / denom)",
            CPU_TESTS),
     Mutant("c: weight decay dropped", C, "LOADP(param[i]) * decay -", "LOADP(param[i]) -", CPU_TESTS),
@@ -89,6 +91,15 @@ MUTANTS = [
            "            if False:", ("tests/test_between_steps.py",)),
     Mutant("load: exp_grad_var from beta2 for rho", "snr_triton/param_states.py", "(hyper.beta1, hyper.beta2),\n                                                      hyper.rho))",
            "(hyper.beta1, hyper.beta2),\n                                                      hyper.beta2))", ("tests/test_optimizer_api.py",)),
+    Mutant("clip: norm not unscaled", "snr_triton/optimizer.py",
+           "norm = total.sqrt() if scale is None else total.sqrt() / scale", "norm = total.sqrt()",
+           ("tests/test_clipping.py",)),
+    Mutant("clip: coefficient not clamped to 1", "snr_triton/optimizer.py",
+           "k = (max_norm / (norm + 1e-6)).clamp(max=1.0)", "k = max_norm / (norm + 1e-6)", ("tests/test_clipping.py",)),
+    Mutant("clip: non-finite norm not skipped", "snr_triton/optimizer.py",
+           "bad = (~torch.isfinite(norm)).float()", "bad = torch.zeros_like(norm).float()", ("tests/test_clipping.py",)),
+    Mutant("triton: norm pass drops the tail", TRITON, "g = tl.load(g_base + offs, mask=offs < numel, other=0.0)",
+           "g = tl.load(g_base + offs, mask=offs < numel - 1, other=0.0)", ("tests/test_clipping.py",)),
     Mutant("cache: symlinks followed", "snr_triton/backend/kernel_cache.py", "fd = os.open(path, os.O_RDONLY | NOFOLLOW)",
            "fd = os.open(path, os.O_RDONLY)", ("tests/test_cache_security.py",)),
     Mutant("cache: any directory trusted", "snr_triton/backend/kernel_cache.py", "    if reason is None:\n        return root",

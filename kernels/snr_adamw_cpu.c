@@ -159,6 +159,25 @@ static void *run_chunks(void *arg) {
 
 #define MAX_THREADS 256
 
+static int thread_count(int threads, int64_t nchunks) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > nchunks) threads = (int)nchunks;
+    return threads < 1 ? 1 : threads;
+}
+
+/* fn on each of `threads` work items (`size` bytes apart): item 0 on the calling thread, the others
+ * on threads of their own, run here if a thread cannot be started. */
+static void run_parallel(void *(*fn)(void *), void *work, size_t size, int threads) {
+    pthread_t ids[MAX_THREADS];
+    char *items = (char *)work;
+    int started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], 0, fn, items + size * started) != 0) break;
+    for (int i = started; i < threads; i++) fn(items + size * i); /* could not start: do it here */
+    fn(items);
+    for (int i = 1; i < started; i++) pthread_join(ids[i], 0);
+}
+
 /* rows: [tensors][ROW_COLUMNS] int64 (snr_triton/contract.py ROW). block_tensor: [nchunks] int32,
  * the row of each chunk of `block` elements. stats: [nchunks][STAT_COLUMNS] or NULL. Chunks are
  * split evenly over `threads` threads, the caller's one. */
@@ -166,21 +185,13 @@ int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nch
                    const float *steps, const Hyper *h, int gate,
                    int maximize, int param_bf16, int state_bf16, double *stats, int threads) {
     Work work[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > nchunks) threads = (int)nchunks;
-    if (threads < 1) threads = 1;
+    threads = thread_count(threads, nchunks);
     for (int i = 0; i < threads; i++) {
         Work w = {rows, block_tensor, block, steps, h, gate, maximize, param_bf16,
                   state_bf16, stats, nchunks * i / threads, nchunks * (i + 1) / threads};
         work[i] = w;
     }
-    int started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], 0, run_chunks, &work[started]) != 0) break;
-    for (int i = started; i < threads; i++) run_chunks(&work[i]); /* could not start: do it here */
-    run_chunks(&work[0]);
-    for (int i = 1; i < started; i++) pthread_join(ids[i], 0);
+    run_parallel(run_chunks, work, sizeof(Work), threads);
     return 0;
 }
 
@@ -218,20 +229,12 @@ static void *run_sq(void *arg) {
 int snr_grad_sq(const int64_t *rows, const int32_t *block_tensor, int64_t nchunks, int64_t block, int param_bf16,
                 double *out, int threads) {
     SqWork work[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > nchunks) threads = (int)nchunks;
-    if (threads < 1) threads = 1;
+    threads = thread_count(threads, nchunks);
     for (int i = 0; i < threads; i++) {
         SqWork w = {rows, block_tensor, block, nchunks * i / threads, nchunks * (i + 1) / threads, param_bf16, out};
         work[i] = w;
     }
-    int started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], 0, run_sq, &work[started]) != 0) break;
-    for (int i = started; i < threads; i++) run_sq(&work[i]);
-    run_sq(&work[0]);
-    for (int i = 1; i < started; i++) pthread_join(ids[i], 0);
+    run_parallel(run_sq, work, sizeof(SqWork), threads);
     return 0;
 }
 

@@ -33,6 +33,14 @@ def give(params, grads):
         p.grad = None if g is None else g.clone()  # a fresh grad object, as zero_grad() + backward
 
 
+def step_both(ours, opt, theirs, ref, grads):
+    """One step of each optimizer with the same fresh grads."""
+    give(ours, grads)
+    give(theirs, grads)
+    opt.step()
+    ref.step()
+
+
 def same(a, b, tol=1e-6):
     """fp32 params and states within one step's rounding of AdamW's."""
     a, b = a.detach().double(), b.detach().double()
@@ -92,10 +100,7 @@ def test_a_resized_param_is_refused_and_its_neighbours_keep_their_states(backend
     del opt.state[ours[1]]
     del ref.state[theirs[1]]
     for _ in range(2):
-        give(ours, grads)
-        give(theirs, grads)
-        opt.step()
-        ref.step()
+        step_both(ours, opt, theirs, ref, grads)
     assert_like_adamw(ours, opt, theirs, ref)
 
 
@@ -118,10 +123,7 @@ def test_params_edited_between_steps_step_like_adamw(backend, edit):
                 else:
                     p.data = p.data.to(torch.bfloat16).to(torch.float32)
             assert ours[0].stride() == theirs[0].stride()
-        give(ours, gs)
-        give(theirs, gs)
-        opt.step()
-        ref.step()
+        step_both(ours, opt, theirs, ref, gs)
     assert_like_adamw(ours, opt, theirs, ref)
 
 
@@ -133,19 +135,13 @@ def test_replaced_state_tensors_are_adopted(backend):
     (ours, opt), (theirs, ref) = pair([(8,), (5,)], backend)
     grads = [torch.ones(8, device=DEVICE), torch.ones(5, device=DEVICE)]
     for _ in range(3):
-        give(ours, grads)
-        give(theirs, grads)
-        opt.step()
-        ref.step()
+        step_both(ours, opt, theirs, ref, grads)
     for o, params in ((opt, ours), (ref, theirs)):
         st_ = o.state[params[0]]
         st_["exp_avg"] = torch.zeros_like(params[0])
         st_["exp_avg_sq"] = torch.zeros_like(params[0])
         st_["step"] = torch.tensor(0.0)
-    give(ours, grads)
-    give(theirs, grads)
-    opt.step()
-    ref.step()
+    step_both(ours, opt, theirs, ref, grads)
     assert opt.state[ours[0]]["step"].item() == 1
     torch.testing.assert_close(opt.state[ours[0]]["exp_avg"], torch.full((8,), 0.1, device=DEVICE))
     assert_like_adamw(ours, opt, theirs, ref)
@@ -168,10 +164,7 @@ def test_states_reset_by_hand_start_afresh(backend, how):
                     o.state[params[1]] = {}
                 else:
                     o.state.clear()
-        give(ours, gs)
-        give(theirs, gs)
-        opt.step()
-        ref.step()
+        step_both(ours, opt, theirs, ref, gs)
     assert_like_adamw(ours, opt, theirs, ref)
 
 
@@ -418,10 +411,7 @@ def test_whatever_users_do_between_steps_steps_like_adamw(backend, actions, seed
             ref.add_param_group({"params": [theirs[-1]], "lr": 5e-3})
         grads = [None if (action == "no_grad" and i == target) or not p.requires_grad
                  else torch.randn(p.shape, generator=gen).to(DEVICE) for i, p in enumerate(ours)]
-        give(ours, grads)
-        give(theirs, grads)
-        opt.step()
-        ref.step()
+        step_both(ours, opt, theirs, ref, grads)
         assert_like_adamw(ours, opt, theirs, ref)
 
 
@@ -440,10 +430,7 @@ def test_odd_layouts_copy_into_kept_stand_ins_without_rebuilding(backend):
     before = dict(tables.counters)
     for k in range(6):
         gs = [torch.randn(6, 5, generator=gen).to(DEVICE), torch.randn(3, 4, generator=gen).to(DEVICE).t()]
-        give(ours, gs)
-        give(theirs, gs)
-        opt.step()
-        ref.step()
+        step_both(ours, opt, theirs, ref, gs)
     assert tables.counters["maps_built"] - before["maps_built"] == 1
     assert tables.counters["addresses_refreshed"] - before["addresses_refreshed"] == 1
     assert tables.counters["stand_in_copies"] - before["stand_in_copies"] == 12  # 2 per step

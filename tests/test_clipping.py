@@ -159,3 +159,29 @@ def test_clipping_traces_without_graph_breaks(backend):
         assert explanation.graph_break_count == 0, explanation.break_reasons
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_norm_pass_of_a_large_bucket_counts_every_chunk(threads):
+    """The C norm pass splits buckets of at least PARALLEL_MIN elements over threads, like the step:
+    2^18 + 2^15 elements (9 chunks) and a second tensor, against torch.nn.utils.get_total_norm.
+    (The shared test matrix runs on every backend; this one is the C kernel's threaded path.)"""
+    if "cpu" not in BACKENDS:
+        pytest.skip("no C compiler here")  # the C kernel only: tests/test_cpu.py says why it is missing
+    from snr_triton.backend import cpu
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (cpu.PARALLEL_MIN + cpu.CHUNK, 3 * cpu.CHUNK + 5)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt = SNRAdamW(params, backend="cpu", max_grad_norm=1.0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        opt.step()
+    finally:
+        torch.set_num_threads(previous)
+    # our norm accumulates in float64 (float32's accumulation is 1e-6 off at this size): the truth is
+    # torch's norm of float64 copies
+    expected = torch.nn.utils.get_total_norm([p.grad.double() for p in params]).float()
+    torch.testing.assert_close(opt.last_grad_norm(), expected, rtol=1e-7, atol=0)

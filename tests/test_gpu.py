@@ -87,13 +87,14 @@ def test_torch_compile_of_a_full_training_step():
 
 def test_no_host_synchronization_in_a_step():
     """Issue 18: 20 steps as users run them (fresh grads from zero_grad() + backward, an active set
-    that changes, a param joining late, a CUDA tensor lr, GradScaler, stats on) with torch raising
-    on any synchronizing CUDA call inside step(). The first step (state creation) is included."""
+    that changes, a param joining late, a CUDA tensor lr, GradScaler, stats on, max_grad_norm) with
+    torch raising on any synchronizing CUDA call inside step(). The first step (state creation) is
+    included."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda()
     late = torch.nn.Parameter(torch.randn(8, device="cuda"))
     opt = SNRAdamW(list(model.parameters()) + [late], lr=torch.tensor(1e-3, device="cuda"), backend="triton",
-                   track_stats=True)
+                   track_stats=True, max_grad_norm=1.0)  # the norm pass and its coefficient too
     scaler = torch.amp.GradScaler("cuda")
     x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 8, device="cuda")
     for k in range(20):
