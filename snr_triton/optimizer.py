@@ -278,13 +278,16 @@ class SNRAdamW(Optimizer):
         """Make the states of checked repairs: a new slot per param, adopting the state given (none:
         fresh zeros). Nothing here can fail on user input: `_plan` checked it all."""
         ids = self._param_ids() if repairs else {}
+        hypers: dict[int, Hyper] = {}  # frozen once per group: tensor betas are read once
         made = []
         for r in repairs:
             group = self.param_groups[r.group_index]
             if r.reuse:
                 slot = r.old
             else:
-                hyper = Hyper.of(group)
+                hyper = hypers.get(r.group_index)
+                if hyper is None:
+                    hyper = hypers[r.group_index] = Hyper.of(group)
                 bucket = self._bucket(group, r.device, r.dtype, hyper.state_dtype)
                 slot = bucket.new_slot(r.param, rng_seed(ids[r.param]))
                 slot.adopt(r.source, hyper)
@@ -361,7 +364,7 @@ class SNRAdamW(Optimizer):
                         work.add(slot, p, as_real(p), _local_grad(p, g, slot.real_shape,
                                                                   f" (param {i} of param group {gi})"))
                 else:
-                    repairs.append(self._check_repair(gi, i, p, g, slot))
+                    repairs.append(self._check_repair(gi, i, p, g))
         return works, repairs
 
     def _plan(self) -> list[Work]:
@@ -398,7 +401,7 @@ class SNRAdamW(Optimizer):
             _, work.backend = self._choose(group["backend"], work.bucket.device, work.bucket.dtype, work.hyper, where)
         return plan
 
-    def _check_repair(self, gi: int, i: int, p: Tensor, g: Tensor, slot: Slot | None) -> _Repair:
+    def _check_repair(self, gi: int, i: int, p: Tensor, g: Tensor) -> _Repair:
         """Check in full a param that failed the cheap check; raises (naming it) what cannot be adopted."""
         where = f" (param {i} of param group {gi})"
         _check_grad(p, g, where)
@@ -410,13 +413,13 @@ class SNRAdamW(Optimizer):
             raise ValueError(f"param {i} of param group {gi} appears twice in that group: each param may appear "
                              "once (it would be stepped twice)")
         real = as_real(p)
-        self._choose(self.param_groups[gi]["backend"], real.device, real_dtype(p),
-                               self._hyper(self.param_groups[gi], read_tensors=False), f" (param group {gi})")
-        entry = self.state.get(p)
         group = self.param_groups[gi]
+        hyper = self._hyper(group, read_tensors=False)
+        self._choose(group["backend"], real.device, real_dtype(p), hyper, f" (param group {gi})")
+        entry = self.state.get(p)
         slot = self._slots.get(p)  # by param: the list by position may be stale
         if slot is not None and slot.param is p and slot.bucket.group is group \
-                and slot.bucket.requested is self._hyper(group, read_tensors=False).state_dtype and slot.fits(p, g, entry):
+                and slot.bucket.requested is hyper.state_dtype and slot.fits(p, g, entry):
             # only its place changed (groups reordered, params added to the group): keep the slot
             return _Repair(gi, i, p, g, real.device, real_dtype(p), {}, entry, slot, reuse=True)
         source = dict(entry) if entry else {}

@@ -435,3 +435,32 @@ def test_odd_layouts_copy_into_kept_stand_ins_without_rebuilding(backend):
     assert tables.counters["addresses_refreshed"] - before["addresses_refreshed"] == 1
     assert tables.counters["stand_in_copies"] - before["stand_in_copies"] == 12  # 2 per step
     assert_like_adamw(ours, opt, theirs, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", ["snr", "soft", "hard", "none"])
+def test_grads_at_float32s_limit_keep_params_finite_like_adamw(backend, gate):
+    """|g| = 3e38: v and s overflow float32 (inf), so AdamW's update is m / inf = 0 and only the
+    weight decay moves the param. The gate must stay finite where s is inf (q = 0, not inf/inf):
+    else q * 0 = NaN. Against AdamW's rule (and AdamW itself for gate="none")."""
+    gen = torch.Generator().manual_seed(7)
+    init = torch.randn(16, generator=gen)
+    grads = [torch.randn(16, generator=gen), torch.randn(16, generator=gen)]
+    grads[1][3] = 3e38
+    grads[1][5] = -3e38
+    p = torch.nn.Parameter(init.clone().to(DEVICE))
+    q = torch.nn.Parameter(init.clone().to(DEVICE))
+    opt = SNRAdamW([p], gate=gate, backend=backend, **HP)
+    ref = torch.optim.AdamW([q], **HP)
+    after_one = None
+    for g in grads:
+        p.grad, q.grad = g.clone().to(DEVICE), g.clone().to(DEVICE)
+        opt.step()
+        ref.step()
+        after_one = p.detach().clone() if after_one is None else after_one
+    assert torch.isfinite(p).all() and torch.isfinite(q).all()
+    decay = 1 - HP["lr"] * HP["weight_decay"]
+    for i in (3, 5):  # at step 2 the update is m / inf = 0: the decay alone, as AdamW's
+        assert p[i].item() == pytest.approx(after_one[i].item() * decay, rel=1e-6)
+    if gate == "none":
+        same(p, q)

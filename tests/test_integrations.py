@@ -211,3 +211,29 @@ def test_train_llm_quick_with_two_ranks(tmp_path):
         assert r["tokens_per_s"] > 0 and 0 < r["optimizer_share"] < 1
     assert all(0 < g <= 1 for g in report["results"]["SNRAdamW"]["gate"])
     assert (tmp_path / "train_llm_seed0.png").stat().st_size > 10_000
+
+
+def test_trainer_with_clipping_in_the_step_equals_the_trainers_own_clipping(tmp_path):
+    """Issue 20: Trainer(max_grad_norm=0) with SNRAdamW(max_grad_norm=1.0) against the Trainer's own
+    clipping (max_grad_norm=1.0, clip_grad_norm_ before a plain SNRAdamW): the same norms logged
+    (the Trainer's `grad_norm`, our `snr/grad_norm`) and the same params."""
+    from snr_triton.integrations.transformers import SNRStatsCallback
+
+    runs = {}
+    for who, (trainer_clip, ours) in {"trainer": (1.0, None), "snr": (0.0, 1.0)}.items():
+        model = tiny_llama()
+        opt = SNRAdamW(param_groups(model, 0.1), lr=3e-3, max_grad_norm=ours)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / who), max_steps=6, per_device_train_batch_size=8,
+                                              logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+                                              save_strategy="no", max_grad_norm=trainer_clip)
+        t = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None),
+                                 callbacks=[SNRStatsCallback()])
+        t.train()
+        runs[who] = (t, [e for e in t.state.log_history if "loss" in e])
+    theirs = [e["grad_norm"] for e in runs["trainer"][1]]
+    ours = [e["snr/grad_norm"] for e in runs["snr"][1]]
+    assert len(ours) == 6 and max(theirs) > 1.0  # clipping was active
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    for a, b in zip(runs["snr"][0].model.parameters(), runs["trainer"][0].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(e["snr/skipped_steps"] == 0 for e in runs["snr"][1])

@@ -64,8 +64,9 @@ def start_tracking(optimizer: Any, model: torch.nn.Module | None = None) -> SNRA
 
 def log_entries(opt: SNRAdamW, lowest: int = 0) -> dict[str, float]:
     """The last step's statistics as flat log keys (one device read): snr/mean_gate, ...,
-    snr/group<i>/..., and with `lowest` > 0 and named params, the mean gate of the `lowest`
-    params whose gate is lowest (snr/lowest_gate/<name>). Empty before the first tracked step."""
+    snr/group<i>/..., snr/skipped_steps, snr/grad_norm with `max_grad_norm` (the norm before
+    clipping), and with `lowest` > 0 and named params, the mean gate of the `lowest` params whose
+    gate is lowest (snr/lowest_gate/<name>). Empty before the first tracked step."""
     if not opt._last["stats"]:
         return {}
     named = lowest > 0 and all("param_names" in g for g in opt.param_groups)
@@ -78,4 +79,7 @@ def log_entries(opt: SNRAdamW, lowest: int = 0) -> dict[str, float]:
     if named:
         worst = sorted(stats["params"].items(), key=lambda kv: kv[1]["mean_gate"])[:lowest]
         out.update({f"{STAT_PREFIX}lowest_gate/{name}": s["mean_gate"] for name, s in worst})
+    out[f"{STAT_PREFIX}skipped_steps"] = stats["skipped_steps"]
+    if opt.defaults.get("max_grad_norm") is not None:  # the step's own clipping: log its norm
+        out[f"{STAT_PREFIX}grad_norm"] = float(opt.last_grad_norm())
     return out
