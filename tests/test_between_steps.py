@@ -464,3 +464,20 @@ def test_grads_at_float32s_limit_keep_params_finite_like_adamw(backend, gate):
         assert p[i].item() == pytest.approx(after_one[i].item() * decay, rel=1e-6)
     if gate == "none":
         same(p, q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_resized_after_its_grad_was_given_is_refused(backend):
+    """p.grad assigned (16 elements), then p.data resized to 48: the grad still has the shape the
+    states were made for, the param does not. AdamW refuses; so do we, with nothing changed."""
+    (ours, opt), (theirs, ref) = pair([(16,), (16,)], backend)
+    step_both(ours, opt, theirs, ref, [torch.ones(16, device=DEVICE)] * 2)
+    for params in (ours, theirs):
+        give(params, [torch.ones(16, device=DEVICE)] * 2)
+        params[0].data = torch.zeros(48, device=DEVICE)
+    with pytest.raises(RuntimeError):
+        ref.step()
+    before = snapshot(ours, opt)
+    with pytest.raises(RuntimeError, match=r"grad does not match its param \(param 0 of param group 0\)"):
+        opt.step()
+    assert_unchanged(before, ours, opt)

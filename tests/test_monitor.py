@@ -102,3 +102,19 @@ def test_stats_after_a_skipped_step_count_nothing(backend):
         assert math.isnan(where["mean_gate"]) and math.isnan(where["frac_above"])
         assert where["signal"] == 0 and where["noise"] == 0
     assert opt.state[p]["step"].item() == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", ["snr", "soft", "hard"])
+def test_the_gate_is_closed_where_there_is_no_signal_and_no_noise(backend, gate):
+    """m = s = 0 (zero grads from a fresh state): ALGORITHM.md's q = m-hat^2 / (m-hat^2 + ... + delta)
+    is 0 there (the reference's too), whatever rounding a kernel does elsewhere; it moves nothing
+    (q * m = 0), so only the statistics can tell."""
+    p = torch.nn.Parameter(torch.ones(40, device=DEVICE))
+    opt = SNRAdamW([p], backend=backend, gate=gate, track_stats=True, weight_decay=0.0)
+    p.grad = torch.zeros(40, device=DEVICE)
+    opt.step()
+    ref = reference.reference_step(torch.ones(40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64),
+                                   reference.new_state(torch.ones(40)), **{**hyper(Case(gate=gate))[0], "weight_decay": 0.0})
+    assert ref["q"].abs().max().item() == 0
+    assert opt.stats()["mean_gate"] == 0 and torch.equal(p.detach(), torch.ones(40, device=DEVICE))
