@@ -93,11 +93,54 @@ def rng_seed(param_id: int) -> int:
     return (SEED ^ (param_id * 0x9E3779B97F4A7C15)) & 0x7FFFFFFFFFFFFFFF
 
 
-class StateEntry(dict):
+class _NotesWrites:
+    """A dict that calls `_edited()` after every write (set, delete, update, pop, clear), so the step
+    checks one flag instead of every key. Mixed in before dict or defaultdict."""
+
+    __slots__ = ()
+
+    def _edited(self) -> None:
+        raise NotImplementedError
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._edited()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._edited()
+
+    def __ior__(self, other):
+        super().update(other)
+        self._edited()
+        return self
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._edited()
+
+    def pop(self, *args):
+        self._edited()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._edited()
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self._edited()
+        return super().setdefault(key, default)
+
+    def clear(self):
+        super().clear()
+        self._edited()
+
+
+class StateEntry(_NotesWrites, dict):
     """optimizer.state[p] as this package fills it: a plain dict to every reader, which tells its
-    slot when it is written (a state replaced, deleted, added), so the step checks one flag per
-    param instead of every key. `state_dict()` hands out plain dicts; pickled on its own
-    (`torch.save(opt.state[p])`) it is an OrderedDict, which `torch.load(weights_only=True)` reads."""
+    slot when it is written (a state replaced, deleted, added). `state_dict()` hands out plain
+    dicts; pickled on its own (`torch.save(opt.state[p])`) it is an OrderedDict, which
+    `torch.load(weights_only=True)` reads."""
 
     __slots__ = ("owner",)
 
@@ -106,44 +149,11 @@ class StateEntry(dict):
         if owner is not None:
             owner.edited = True
 
-    def __setitem__(self, key, value):
-        dict.__setitem__(self, key, value)
-        self._edited()
-
-    def __delitem__(self, key):
-        dict.__delitem__(self, key)
-        self._edited()
-
-    def __ior__(self, other):
-        dict.update(self, other)
-        self._edited()
-        return self
-
-    def update(self, *args, **kwargs):
-        dict.update(self, *args, **kwargs)
-        self._edited()
-
-    def pop(self, *args):
-        self._edited()
-        return dict.pop(self, *args)
-
-    def popitem(self):
-        self._edited()
-        return dict.popitem(self)
-
-    def setdefault(self, key, default=None):
-        self._edited()
-        return dict.setdefault(self, key, default)
-
-    def clear(self):
-        dict.clear(self)
-        self._edited()
-
     def __reduce__(self):
-        return dict, (dict(self),)
+        return OrderedDict, (), None, None, iter(self.items())
 
 
-class TrackedState(defaultdict):
+class TrackedState(_NotesWrites, defaultdict):
     """optimizer.state: torch's defaultdict(dict), which notes when it is written (an entry set,
     replaced, deleted, cleared), so a step re-checks which entry belongs to which param only after
     a write, not for every param of every step. Pickles as a plain defaultdict."""
@@ -152,37 +162,7 @@ class TrackedState(defaultdict):
         super().__init__(dict, items)
         self.edited = True
 
-    def __setitem__(self, key, value):
-        defaultdict.__setitem__(self, key, value)
-        self.edited = True
-
-    def __delitem__(self, key):
-        defaultdict.__delitem__(self, key)
-        self.edited = True
-
-    def __ior__(self, other):
-        defaultdict.update(self, other)
-        self.edited = True
-        return self
-
-    def update(self, *args, **kwargs):
-        defaultdict.update(self, *args, **kwargs)
-        self.edited = True
-
-    def pop(self, *args):
-        self.edited = True
-        return defaultdict.pop(self, *args)
-
-    def popitem(self):
-        self.edited = True
-        return defaultdict.popitem(self)
-
-    def setdefault(self, key, default=None):
-        self.edited = True
-        return defaultdict.setdefault(self, key, default)
-
-    def clear(self):
-        defaultdict.clear(self)
+    def _edited(self) -> None:
         self.edited = True
 
     def __reduce__(self):
@@ -197,16 +177,15 @@ class Slot:
     goes ahead only while the entry, its tensors and the param's layout are the ones recorded."""
 
     __slots__ = ("param", "bucket", "index", "dtype", "device", "device_index", "shape", "stride", "plain",
-                 "placements",
-                 "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "entry", "shown", "seed",
-                 "stand_in", "edited")
+                 "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "entry", "shown",
+                 "seed", "stand_in", "edited")
 
     def __init__(self, param: Tensor, bucket: "BucketStates", index: int, seed: int):
         self.param, self.bucket, self.index, self.seed = param, bucket, index, seed
         self.dtype, self.device, self.shape, self.stride = param.dtype, param.device, param.shape, param.stride()
         self.device_index = param.get_device()
         self.plain = not param.is_complex() and not is_dtensor(param)
-        self.placements = None if self.plain or not is_dtensor(param) else (param.device_mesh, param.placements)
+        self.placements = (param.device_mesh, param.placements) if is_dtensor(param) else None
         r = as_real(param)
         self.real_shape, self.real_stride, self.dense, self.numel = r.shape, r.stride(), is_dense(r), r.numel()
         # a plain contiguous param: is_contiguous() (a cached flag) then stands for the stride
