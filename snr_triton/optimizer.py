@@ -69,6 +69,8 @@ class _Repair:
     source: dict[str, Any]  # the state to adopt (empty: fresh)
     entry: Any  # the dict the user sees in optimizer.state[p], refilled in place
     old: Slot | None
+    hyper: Hyper  # the group's, frozen once per step
+    real_grad: Tensor | None = None  # the local real grad (a DTensor's redistributed once), for the step
     reuse: bool = False  # the old slot still fits: only its place in the group changed
 
 
@@ -236,10 +238,11 @@ class SNRAdamW(Optimizer):
         # Make every param's states now, so state (an AdamW checkpoint's exp_grad_var included) is final.
         repairs = []
         for gi, group in enumerate(self.param_groups):
+            hyper = Hyper.of(group)
             for i, p in enumerate(group["params"]):
                 if self.state.get(p):
                     repairs.append(_Repair(gi, i, p, p, local(p).device, real_dtype(p), dict(self.state[p]),
-                                           self.state[p], None))
+                                           self.state[p], None, hyper))
         self._apply(repairs)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -278,19 +281,15 @@ class SNRAdamW(Optimizer):
         """Make the states of checked repairs: a new slot per param, adopting the state given (none:
         fresh zeros). Nothing here can fail on user input: `_plan` checked it all."""
         ids = self._param_ids() if repairs else {}
-        hypers: dict[int, Hyper] = {}  # frozen once per group: tensor betas are read once
         made = []
         for r in repairs:
             group = self.param_groups[r.group_index]
             if r.reuse:
                 slot = r.old
             else:
-                hyper = hypers.get(r.group_index)
-                if hyper is None:
-                    hyper = hypers[r.group_index] = Hyper.of(group)
-                bucket = self._bucket(group, r.device, r.dtype, hyper.state_dtype)
+                bucket = self._bucket(group, r.device, r.dtype, r.hyper.state_dtype)
                 slot = bucket.new_slot(r.param, rng_seed(ids[r.param]))
-                slot.adopt(r.source, hyper)
+                slot.adopt(r.source, r.hyper)
                 self.state[r.param] = slot.show(r.entry if isinstance(r.entry, dict) else None)
                 self._slots[r.param] = slot
                 if r.old is not None:
@@ -329,11 +328,12 @@ class SNRAdamW(Optimizer):
         self._run(self._plan(), grad_scale, found_inf)
         return loss
 
-    def _sort(self, check_entries: bool) -> tuple[dict[int, Work], list[_Repair]]:
+    def _sort(self, check_entries: bool) -> tuple[dict[int, Work], list[tuple]]:
         """The active params of every group sorted into buckets by their slots; those whose slot
-        does not fit (or that have none) listed for repair. Changes nothing."""
+        does not fit (or that have none) listed as (group index, index, param, grad, group's Hyper),
+        to be checked in full. Changes nothing."""
         works: dict[int, Work] = {}
-        repairs: list[_Repair] = []
+        misfits: list[tuple] = []
         group_slots = self._group_slots
         for gi, group in enumerate(self.param_groups):
             hyper = self._hyper(group, f" (param group {gi})", read_tensors=False)
@@ -364,8 +364,8 @@ class SNRAdamW(Optimizer):
                         work.add(slot, p, as_real(p), _local_grad(p, g, slot.real_shape,
                                                                   f" (param {i} of param group {gi})"))
                 else:
-                    repairs.append(self._check_repair(gi, i, p, g))
-        return works, repairs
+                    misfits.append((gi, i, p, g, hyper))
+        return works, misfits
 
     def _plan(self) -> list[Work]:
         """Validate every group, check every active param against its slot, choose every bucket's
@@ -373,7 +373,7 @@ class SNRAdamW(Optimizer):
         or re-laid out, a state replaced or deleted, a param new to a bucket or moved to another
         device, dtype, group or state dtype) fails the cheap check (`Slot.fits`) and is checked in
         full here, then adopted, or refused with an error naming the param."""
-        works, repairs = self._sort(check_entries=False)
+        works, misfits = self._sort(check_entries=False)
         # Which entry of opt.state is whose is checked again only after opt.state was written, and
         # only now: torch.compile's guards name each tensor by the first place the step reaches it,
         # and a param reached first as a key of self.state would have its grad guarded by identity
@@ -382,15 +382,15 @@ class SNRAdamW(Optimizer):
         if not isinstance(state, TrackedState) or state.edited:
             if not isinstance(state, TrackedState):  # replaced by hand (opt.state = {...})
                 state = self.state = TrackedState(state)
-            works, repairs = self._sort(check_entries=True)
-        if repairs:
+            works, misfits = self._sort(check_entries=True)
+        if misfits:
+            places = self._places()
+            repairs = [self._check_repair(*m, places) for m in misfits]  # all checked before any is made
             for r, slot in zip(repairs, self._apply(repairs)):  # in group order: after the params above
-                group = self.param_groups[r.group_index]
                 work = works.get(slot.bucket.handle)
                 if work is None:
-                    work = works[slot.bucket.handle] = Work(r.group_index, self._hyper(group, read_tensors=False),
-                                                            slot.bucket, [], [], None, [])
-                work.add(slot, r.param, as_real(r.param), _local_grad(r.param, r.grad, slot.real_shape, ""))
+                    work = works[slot.bucket.handle] = Work(r.group_index, r.hyper, slot.bucket, [], [], None, [])
+                work.add(slot, r.param, as_real(r.param), r.real_grad)
         if state.edited:  # every entry checked, or made by _apply: consistent until the next write
             state.edited = False
         plan = list(works.values())
@@ -401,34 +401,43 @@ class SNRAdamW(Optimizer):
             _, work.backend = self._choose(group["backend"], work.bucket.device, work.bucket.dtype, work.hyper, where)
         return plan
 
-    def _check_repair(self, gi: int, i: int, p: Tensor, g: Tensor) -> _Repair:
+    def _places(self) -> dict[int, list[tuple[int, int]]]:
+        """Where each param stands: id -> [(group index, index)], one pass over every group."""
+        places: dict[int, list[tuple[int, int]]] = {}
+        for k, group in enumerate(self.param_groups):
+            for j, q in enumerate(group["params"]):
+                places.setdefault(id(q), []).append((k, j))
+        return places
+
+    def _check_repair(self, gi: int, i: int, p: Tensor, g: Tensor, hyper: Hyper,
+                      places: dict[int, list[tuple[int, int]]]) -> _Repair:
         """Check in full a param that failed the cheap check; raises (naming it) what cannot be adopted."""
         where = f" (param {i} of param group {gi})"
         _check_grad(p, g, where)
-        others = [k for k, group in enumerate(self.param_groups) if k != gi and any(q is p for q in group["params"])]
+        others = [k for k, _ in places[id(p)] if k != gi]
         if others:
             raise ValueError(f"param {i} of param group {gi} is also in param group {others[0]}: a param may "
                              "belong to one group only")
-        if any(q is p for q in self.param_groups[gi]["params"][:i]):
+        if any(k == gi and j < i for k, j in places[id(p)]):
             raise ValueError(f"param {i} of param group {gi} appears twice in that group: each param may appear "
                              "once (it would be stepped twice)")
         real = as_real(p)
         group = self.param_groups[gi]
-        hyper = self._hyper(group, read_tensors=False)
         self._choose(group["backend"], real.device, real_dtype(p), hyper, f" (param group {gi})")
         entry = self.state.get(p)
         slot = self._slots.get(p)  # by param: the list by position may be stale
         if slot is not None and slot.param is p and slot.bucket.group is group \
                 and slot.bucket.requested is hyper.state_dtype and slot.fits(p, g, entry):
             # only its place changed (groups reordered, params added to the group): keep the slot
-            return _Repair(gi, i, p, g, real.device, real_dtype(p), {}, entry, slot, reuse=True)
+            return _Repair(gi, i, p, g, real.device, real_dtype(p), {}, entry, slot, hyper,
+                           _local_grad(p, g, slot.real_shape, where), reuse=True)
         source = dict(entry) if entry else {}
         if source:
             _check_state(p, source, f"param {i} of param group {gi}",
                          " (the param changed shape since its state was made? torch.optim.AdamW refuses this "
                          "too; reset the state with `del optimizer.state[p]`, or give the param back its shape)")
-        _local_grad(p, g, real.shape, where)  # a DTensor grad this step cannot use: refused now
-        return _Repair(gi, i, p, g, real.device, real_dtype(p), source, entry, slot)
+        real_grad = _local_grad(p, g, real.shape, where)  # a DTensor grad this step cannot use: refused now
+        return _Repair(gi, i, p, g, real.device, real_dtype(p), source, entry, slot, hyper, real_grad)
 
     def _run(self, plan: list[Work], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         max_norm = self.defaults.get("max_grad_norm")
