@@ -172,12 +172,12 @@ class TrackedState(_NotesWrites, defaultdict):
 class Slot:
     """One param's states and the layout they were made for.
 
-    `real` holds the local real (m, v, s) the kernels walk; `entry` is the dict in
-    optimizer.state[p], `shown` the tensors it held when last checked (step, m, v, s): a step
-    goes ahead only while the entry, its tensors and the param's layout are the ones recorded."""
+    `real` holds the local real (m, v, s) the kernels walk, `step` the param's view of its bucket's
+    step counters; `entry` is the dict in optimizer.state[p]: a step goes ahead only while the entry
+    is unedited and the param's layout is the one recorded."""
 
     __slots__ = ("param", "bucket", "index", "dtype", "device", "device_index", "shape", "stride", "plain",
-                 "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "entry", "shown",
+                 "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "entry", "step",
                  "seed", "stand_in", "edited")
 
     def __init__(self, param: Tensor, bucket: "BucketStates", index: int, seed: int):
@@ -200,7 +200,7 @@ class Slot:
         else:
             self.real = tuple(torch.zeros(r.shape, dtype=sdt, device=r.device) for _ in STATE_KEYS)
         self.entry: StateEntry = StateEntry()
-        self.shown: tuple = ()
+        self.step: Tensor | None = None
 
     def show(self, entry: Any = None) -> StateEntry:
         """Fill `entry` (refilled in place when it is a StateEntry, so a user's reference to it
@@ -214,7 +214,7 @@ class Slot:
             dict.__setitem__(entry, key, like_param(t, self.param))
         entry.owner = self
         self.entry = entry
-        self.shown = (entry["step"], entry["exp_avg"], entry["exp_avg_sq"], entry["exp_grad_var"])
+        self.step = entry["step"]
         self.edited = False
         return entry
 

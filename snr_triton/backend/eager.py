@@ -110,7 +110,7 @@ def step(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: l
     if found_inf is not None and found_inf.item() != 0:
         return sums
     exp_avgs, exp_avg_sqs, exp_grad_vars = ([s.real[k] for s in slots] for k in range(3))
-    steps = [s.shown[0] for s in slots]
+    steps = [s.step for s in slots]
     seeds = [s.seed for s in slots]
     torch._foreach_add_(steps, 1)
     inv_scale = 1.0 / grad_scale.item() if grad_scale is not None else None
