@@ -122,11 +122,13 @@ def _gate(m, s, first, bc1_over_sqrt_bc3, gate_eps_bc1_sq, alpha, softness, GATE
     x = ra * ra
     y = rb * rb
     tail = (gate_eps_bc1_sq * inv) * inv
+    # each denominator is floored at float32's smallest normal: it is 0 only where its numerator is
+    # (alpha * softness = 0 and tail below float32's range), and 0 / 0 would be NaN, not q = 0
     if GATE == GATE_SNR:
-        q = x / (x + (softness * alpha) * y + tail)
+        q = x / tl.maximum(x + (softness * alpha) * y + tail, 1.1754943508222875e-38)
     elif GATE == GATE_SOFT:
         d = tl.maximum(x - alpha * y, 0.0)
-        q = d / (d + softness * y + tail)
+        q = d / tl.maximum(d + softness * y + tail, 1.1754943508222875e-38)
     elif GATE == GATE_HARD:
         q = tl.where(x > alpha * y, 1.0, 0.0)
     else:  # none

@@ -9,6 +9,7 @@
  * The contract (gate ids, table columns, stats columns) is not written here: it comes from
  * snr_triton/contract.py as -D defines when snr_triton/backend/cpu.py compiles this file.
  */
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -33,37 +34,58 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as c10::
     return (uint16_t)((x.u + 0x7FFF + ((x.u >> 16) & 1)) >> 16);
 }
 
-/* Calls LOOP with the gate and the stats flag as compile-time constants. */
-#define GATE_SWITCH(LOOP, STATS)                                                                    \
+static inline int32_t float_bits(float f) {
+    union { float f; int32_t i; } x = { f };
+    return x.i;
+}
+
+static inline float bits_float(int32_t i) {
+    union { int32_t i; float f; } x = { i };
+    return x.f;
+}
+
+/* floor(log2(b_scale)): b_scale = bc1 / sqrt(bc3) lies in [2^-54, 2^27] for any betas and rho in
+ * [0, 1) held in double, which bounds the scaled y = s * r^2 * b_scale^2 of the gate below. */
+static int32_t b_scale_exponent(double b_scale) {
+    int e;
+    frexp(b_scale, &e);
+    return e - 1;
+}
+
+/* Calls LOOP with the gate, the stats flag and t = 1 as compile-time constants. */
+#define GATE_SWITCH(LOOP, STATS, FIRST)                                                             \
     switch (gate) {                                                                                 \
-    case GATE_SNR: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SNR, STATS); break;    \
-    case GATE_SOFT: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SOFT, STATS); break;  \
-    case GATE_HARD: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_HARD, STATS); break;  \
-    default: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_NONE, STATS);                \
+    case GATE_SNR: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SNR, STATS, FIRST); break;   \
+    case GATE_SOFT: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_SOFT, STATS, FIRST); break; \
+    case GATE_HARD: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_HARD, STATS, FIRST); break; \
+    default: LOOP(param, grad, m, v, s, n, h, t, maximize, stats, GATE_NONE, STATS, FIRST);               \
     }
 
-/* One chunk; P and S are the param and state storage types (float or uint16_t = bf16). GATE and
- * STATS are compile-time constants at every call, so each variant is a branch-free, vectorized loop. */
+/* One chunk; P and S are the param and state storage types (float or uint16_t = bf16). GATE, STATS
+ * and FIRST (t = 1) are compile-time constants at every call, so each variant is a branch-free,
+ * vectorized loop (a run-time t = 1 test made the compiler compute both gates and select). */
 #define DEFINE_CHUNK(NAME, P, LOADP, STOREP, S, LOADS, STORES)                                      \
 static inline __attribute__((always_inline)) void NAME##_loop(                                     \
         P *restrict param, const P *restrict grad, S *restrict m_buf, S *restrict v_buf,           \
         S *restrict s_buf, int64_t n, const Hyper *h, double t, int maximize, double *stats,       \
-        const int GATE, const int STATS) {                                                          \
+        const int GATE, const int STATS, const int FIRST) {                                         \
     const double bc1 = 1.0 - pow(h->beta1, t), bc3 = 1.0 - pow(h->rho, t);                        \
     const float inv_bc1 = (float)(1.0 / bc1);                                                      \
     const float inv_bc2_sqrt = (float)(1.0 / sqrt(1.0 - pow(h->beta2, t)));                        \
     const float inv_bc3 = (float)(1.0 / bc3);                                                      \
-    const float b_scale = (float)(bc1 / sqrt(bc3)); /* sqrt(s) * b_scale = bc1 * sqrt(s-hat) */   \
+    /* b = bc1 * sqrt(s-hat) = sqrt(s) * bc1 / sqrt(bc3); kept squared (no sqrt per element) */    \
+    const int32_t b_scale_exp = b_scale_exponent(bc1 / sqrt(bc3));                                 \
     const float tail_scale = (float)(h->gate_eps * bc1 * bc1);                                     \
     const float omb1 = (float)(1.0 - h->beta1);                                                    \
     const float b2 = (float)h->beta2, omb2 = (float)(1.0 - h->beta2);                             \
     const float rho = (float)h->rho, omrho = (float)(1.0 - h->rho);                               \
-    const float eps = (float)h->eps, alpha = (float)h->alpha, lam = (float)h->softness;           \
-    const float lam_alpha = (float)(h->softness * h->alpha);                                       \
+    const float eps = (float)h->eps, alpha = (float)h->alpha;                                      \
+    const double b_scale_sq = FIRST ? 1.0 : bc1 * bc1 / bc3; /* t = 1: y = x, no b_scale */      \
+    const float alpha_y = (float)(h->alpha * b_scale_sq), lam_y = (float)(h->softness * b_scale_sq);  \
+    const float lam_alpha_y = (float)(h->softness * h->alpha * b_scale_sq);                        \
     const float decay = (float)(1.0 - h->lr * h->weight_decay);                                    \
     const float step_size = (float)(h->lr / bc1);                                                  \
     const float sign = (float)(maximize ? -h->inv_grad_scale : h->inv_grad_scale);                 \
-    const int first = t == 1.0;                                                                    \
     double sum_q = 0, sum_above = 0, sum_signal = 0, sum_noise = 0;                                \
     _Pragma("omp simd reduction(+:sum_q,sum_above,sum_signal,sum_noise)")                         \
     for (int64_t i = 0; i < n; i++) {                                                              \
@@ -74,27 +96,38 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         m = m + omb1 * diff;                                                                       \
         const float v = b2 * LOADS(v_buf[i]) + (omb2 * g) * g; /* as torch's addcmul */            \
         const float denom = sqrtf(v) * inv_bc2_sqrt + eps;                                         \
-        /* the gate, overflow-safe (ALGORITHM.md "Numerics"): x = m-hat^2/c^2, y = s-hat/c^2 */    \
-        const float a = m < 0.0f ? -m : m; /* selects, not fabsf/fmaxf: those do not vectorize */  \
-        const float b = first ? a : sqrtf(s) * b_scale; /* t = 1: s-hat := m-hat^2 */              \
-        const float c = a > b ? a : b, inv = 1.0f / (c > 0.0f ? c : 1.0f);                         \
-        const float ra = a >= b ? 1.0f : a * inv, rb = b >= a ? 1.0f : b * inv; /* max is 1 */    \
-        const float x = ra * ra, y = rb * rb, tail = (tail_scale * inv) * inv;                    \
-        const int above = x > alpha * y;                                                           \
-        const float d = x - alpha * y > 0.0f ? x - alpha * y : 0.0f;                               \
-        const float gated = GATE == GATE_SNR ? x / (x + lam_alpha * y + tail)                      \
-                          : GATE == GATE_SOFT ? d / (d + lam * y + tail)                           \
-                          : (above ? 1.0f : 0.0f);                                                 \
-        const float q = GATE == GATE_NONE ? 1.0f : (c > 0.0f ? gated : 0.0f); /* m = s = 0: 0 */   \
-        const float p = LOADP(param[i]) * decay - step_size * (q * m / denom);                     \
+        /* the gate, overflow-safe (ALGORITHM.md "Numerics"): a = |m| and b = bc1 * sqrt(s-hat)  \
+         * are scaled by r, a power of two from their exponents (exact, no division): the larger \
+         * of a*r and b*r lies in [2^-1.5, 2), so x = (a*r)^2 and y = (b*r)^2 neither overflow nor \
+         * vanish. y = b_scale^2 * (s*r*r), the b_scale^2 folded into the coefficients of y. The  \
+         * gate is x/(x + lambda*alpha*y + tail) (snr; soft likewise), folded with m/denom into    \
+         * one division: update = m * (x / ((x + ...) * denom)). */                               \
+        const int32_t ea = (float_bits(m) >> 23) & 255; /* |m|'s exponent field */               \
+        const int32_t eb = FIRST ? ea : ((float_bits(s) + (127 << 23)) >> 24) + b_scale_exp;      \
+        const int32_t e0 = ea > eb ? ea : eb, e = e0 < 252 ? e0 : 252;                             \
+        const float r = bits_float((253 - e) << 23); /* 2^(126 - e): a normal float */            \
+        const float mr = m * r, x = mr * mr;                                                       \
+        const float ys = FIRST ? x : (s * r) * r; /* y / b_scale^2 (t = 1: y = x) */              \
+        const float tail = (tail_scale * r) * r; /* inf for tiny a, b: q = 0, as exactly */       \
+        const int above = x > alpha_y * ys;                                                        \
+        const float d = x - alpha_y * ys > 0.0f ? x - alpha_y * ys : 0.0f;                         \
+        const float num = GATE == GATE_SNR ? x : d;                                                \
+        const float den0 = GATE == GATE_SNR ? x + lam_alpha_y * ys + tail : d + lam_y * ys + tail; \
+        const float den = den0 > FLT_MIN ? den0 : FLT_MIN; /* 0 only where num = 0: q = 0 */      \
+        const float update = GATE == GATE_NONE ? m / denom                                         \
+                           : GATE == GATE_HARD ? (above ? m / denom : 0.0f)                        \
+                           : m * (num / (den * denom));                                             \
+        const float p = LOADP(param[i]) * decay - step_size * update;                              \
         param[i] = STOREP(p);                                                                      \
         m_buf[i] = STORES(m);                                                                      \
         v_buf[i] = STORES(v);                                                                      \
         s_buf[i] = STORES(s);                                                                      \
         if (STATS) {                                                                               \
             const float mhat = m * inv_bc1, signal = mhat * mhat;                                  \
+            const float q = GATE == GATE_NONE ? 1.0f : GATE == GATE_HARD ? (above ? 1.0f : 0.0f)   \
+                          : num / den;                                                             \
             sum_q += q; sum_above += above ? 1.0 : 0.0;                                            \
-            sum_signal += signal; sum_noise += alpha * (first ? signal : s * inv_bc3);             \
+            sum_signal += signal; sum_noise += alpha * (FIRST ? signal : s * inv_bc3);             \
         }                                                                                          \
     }                                                                                              \
     if (STATS) {                                                                                   \
@@ -106,8 +139,10 @@ static void NAME(P *param, const P *grad, S *m, S *v, S *s, int64_t n, const Hyp
                  int gate, int maximize, double *stats) {                                           \
     const double t = step;                                                                          \
     if (t <= (double)h->warmup_steps) gate = GATE_NONE;                                            \
-    if (stats) GATE_SWITCH(NAME##_loop, 1)                                                          \
-    else GATE_SWITCH(NAME##_loop, 0)                                                                \
+    if (stats && t == 1.0) GATE_SWITCH(NAME##_loop, 1, 1)                                          \
+    else if (stats) GATE_SWITCH(NAME##_loop, 1, 0)                                                  \
+    else if (t == 1.0) GATE_SWITCH(NAME##_loop, 0, 1)                                               \
+    else GATE_SWITCH(NAME##_loop, 0, 0)                                                             \
 }
 
 #define ID(x) (x)
@@ -203,23 +238,45 @@ typedef struct {
     double *out;
 } SqWork;
 
+/* Sum of x^2 over SQ_LANES independent accumulators (one would make the pass wait on the add's
+ * latency). Squares are summed in float over runs of SQ_RUN elements per lane and the runs in
+ * double: a float-to-double convert per element halved this pass's speed, and a lane's run of 8
+ * squares adds at most 7 roundings of 2^-24 to the sum. A chunk whose float runs overflowed (|g| >
+ * ~1e19) is summed again in double, so the sum is finite for every finite float grad. */
+#define SQ_LANES 32
+#define SQ_RUN 8
+#define DEFINE_SQ_SUM(NAME, T, LOAD)                                                                \
+static double NAME(const T *restrict g, int64_t n) {                                               \
+    double lanes[SQ_LANES] = {0};                                                                  \
+    const int64_t whole = n - n % (SQ_LANES * SQ_RUN);                                             \
+    for (int64_t i = 0; i < whole; i += SQ_LANES * SQ_RUN) {                                       \
+        float run[SQ_LANES] = {0};                                                                 \
+        for (int k = 0; k < SQ_LANES * SQ_RUN; k += SQ_LANES)                                      \
+            _Pragma("omp simd")                                                                    \
+            for (int j = 0; j < SQ_LANES; j++) { const float x = LOAD(g[i + k + j]); run[j] += x * x; } \
+        _Pragma("omp simd")                                                                        \
+        for (int j = 0; j < SQ_LANES; j++) lanes[j] += run[j];                                     \
+    }                                                                                              \
+    double sum = 0;                                                                                \
+    for (int j = 0; j < SQ_LANES; j++) sum += lanes[j];                                            \
+    if (!isfinite(sum)) { /* overflowed in float: every element in double */                      \
+        sum = 0;                                                                                   \
+        for (int64_t i = 0; i < whole; i++) { const double x = LOAD(g[i]); sum += x * x; }        \
+    }                                                                                              \
+    for (int64_t i = whole; i < n; i++) { const double x = LOAD(g[i]); sum += x * x; }             \
+    return sum;                                                                                    \
+}
+DEFINE_SQ_SUM(sq_sum_f32, float, ID)
+DEFINE_SQ_SUM(sq_sum_bf16, uint16_t, bf16_to_f32)
+
 static void *run_sq(void *arg) {
     const SqWork *w = (const SqWork *)arg;
     for (int64_t c = w->begin; c < w->end; c++) {
         const int64_t *row = w->rows + ROW_COLUMNS * (int64_t)w->block_tensor[c];
         const int64_t start = (c - row[ROW_FIRST_BLOCK]) * w->block;
         const int64_t left = row[ROW_NUMEL] - start, n = left < w->block ? left : w->block;
-        double sum = 0;
-        if (w->param_bf16) {
-            const uint16_t *g = (const uint16_t *)(intptr_t)row[ROW_GRAD_ADDR] + start;
-            _Pragma("omp simd reduction(+:sum)")
-            for (int64_t i = 0; i < n; i++) { const double x = bf16_to_f32(g[i]); sum += x * x; }
-        } else {
-            const float *g = (const float *)(intptr_t)row[ROW_GRAD_ADDR] + start;
-            _Pragma("omp simd reduction(+:sum)")
-            for (int64_t i = 0; i < n; i++) { const double x = g[i]; sum += x * x; }
-        }
-        w->out[c] = sum;
+        w->out[c] = w->param_bf16 ? sq_sum_bf16((const uint16_t *)(intptr_t)row[ROW_GRAD_ADDR] + start, n)
+                                  : sq_sum_f32((const float *)(intptr_t)row[ROW_GRAD_ADDR] + start, n);
     }
     return 0;
 }

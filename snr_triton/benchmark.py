@@ -24,7 +24,7 @@ import torch
 from .optimizer import SNRAdamW
 
 CPU_SIZES = (1 << 20, 16 << 20, 64 << 20)
-GPU_SIZES = (16 << 20, 64 << 20, 256 << 20, 1 << 30)
+GPU_SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20, 1 << 30)
 EAGER_MAX = 64 << 20  # the eager path's temporaries and time make larger cells pointless
 
 
@@ -79,6 +79,7 @@ class Row:
     copy_gbps: float  # a copy moving as many bytes as SNRAdamW's fp32 step, measured in the same run
     roofline_pct: float
     in_cache: bool  # the optimizer's working set fits the last-level cache
+    sync_ms: float  # GPU: one step waited for (host work included); CPU: ms again
 
 
 def _bytes(impl: str, numel: int, dtype: torch.dtype) -> int:
@@ -106,25 +107,41 @@ class _ClipThenStep:
 
 
 class _Timer:
+    """Seconds per call of `fn`, one sample per call, with the ecosystem's timers: on a GPU the
+    device time of `triton.testing.do_bench` (CUDA events around each call, the L2 flushed
+    between calls, no host synchronization between them: host work that keeps up is hidden, as
+    in training), on the CPU `torch.utils.benchmark.Timer` (its clock and thread setting)."""
+
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self._timers: dict[int, object] = {}
 
     def __call__(self, fn: Callable[[], None], steps: int) -> list[float]:
-        """Seconds per step, one sample per step."""
-        out = []
-        for _ in range(steps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                out.append(start.elapsed_time(end) / 1e3)
-            else:
-                t = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t)
-        return out
+        if self.cuda:
+            from triton.testing import do_bench
+
+            # do_bench sizes its run in milliseconds: ask for about `steps` calls of fn
+            estimate = max(sync_latency(fn, 1)[0] * 1e3, 1e-3)
+            return [ms / 1e3 for ms in do_bench(fn, warmup=1, rep=max(1, int(steps * estimate)), return_mode="all")]
+        from torch.utils.benchmark import Timer
+
+        timer = self._timers.get(id(fn))
+        if timer is None:
+            timer = self._timers[id(fn)] = (fn, Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()))
+        return [timer[1].timeit(1).times[0] for _ in range(steps)]
+
+
+def sync_latency(fn: Callable[[], None], steps: int) -> list[float]:
+    """Seconds from the call of `fn` to its work done on the device (a CUDA synchronization per
+    call): what one step costs a loop that waits for it, host work included."""
+    out = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def copy_bandwidth(device: torch.device, numel: int, reps: int = 10) -> float:
@@ -201,6 +218,8 @@ def bench_size(device: torch.device, numel: int, dtype: torch.dtype, steps: int,
         for name, opt in runs.items():
             samples[name] += timer(opt.step, per_round)
     peak = {name: max(0.0, _peak_extra(device, opt.step)) for name, opt in runs.items()}
+    synced = {name: statistics.median(sync_latency(opt.step, 5)) if device.type == "cuda" else None
+              for name, opt in runs.items()}
     del runs
     copy = copy_bandwidth(device, 36 * numel // 8)  # moves the bytes of an fp32 SNRAdamW step
     in_cache = 20 * numel < 4 * cache_bytes(device)  # working set (theta, g, m, v, s) under 4x the LLC
@@ -211,7 +230,7 @@ def bench_size(device: torch.device, numel: int, dtype: torch.dtype, steps: int,
         nbytes = _bytes(name, numel, dtype)
         gbps = nbytes / t / 1e9
         rows.append(Row(device.type, numel, str(dtype).replace("torch.", ""), name, t * 1e3, nbytes, gbps,
-                        t / base, copy, 100 * gbps / copy, in_cache))
+                        t / base, copy, 100 * gbps / copy, in_cache, 1e3 * (synced[name] or t)))
     return rows, peak
 
 
@@ -308,10 +327,14 @@ def run(devices: list[str], sizes: list[int] | None, steps: int, dtypes: list[st
     for dev_name in devices:
         device = torch.device(dev_name)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+        cuda = device.type == "cuda"
+        timer = ("device time (triton.testing.do_bench); synced = one step waited for, host work included"
+                 if cuda else "torch.utils.benchmark.Timer")
         print(f"\n## {device.type}: {name}; {torch.get_num_threads()} threads; median of {steps} steps per "
-              f"cell; copy = GB/s of a copy moving the bytes of an fp32 SNRAdamW step, measured beside it\n", flush=True)
+              f"cell, {timer}; copy = GB/s of a copy moving the bytes of an fp32 SNRAdamW step, measured beside "
+              "it\n", flush=True)
         header = ["params", "dtype", "implementation", "ms/step", "bytes/step", "GB/s", "x fused AdamW",
-                  "copy GB/s", "% of copy", "peak extra MB"]
+                  "copy GB/s", "% of copy", "peak extra MB"] + (["synced ms/step"] if cuda else [])
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         rows_all = []
         cells = [(n, dt) for n in (sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)) for dt in dtypes]
@@ -321,7 +344,7 @@ def run(devices: list[str], sizes: list[int] | None, steps: int, dtypes: list[st
                 size = format_size(r.numel) + (" (in cache)" if r.in_cache else "")
                 lines.append(f"| {size} | {r.dtype} | {r.impl} | {r.ms:.3f} | {r.bytes_per_step / 1e6:.0f} MB | "
                              f"{r.gbps:.1f} | {r.ratio:.2f} | {r.copy_gbps:.1f} | {r.roofline_pct:.0f}% | "
-                             f"{peak[r.impl] / 2**20:.1f} |")
+                             f"{peak[r.impl] / 2**20:.1f} |" + (f" {r.sync_ms:.3f} |" if cuda else ""))
                 rows_all.append({**asdict(r), "peak_extra_bytes": peak[r.impl]})
         print("\n".join(lines), flush=True)
         overhead = host_overhead(device)

@@ -10,6 +10,7 @@ interface per bucket, snr_triton/backend/__init__.py).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import defaultdict
 from copy import deepcopy
@@ -102,6 +103,10 @@ class SNRAdamW(Optimizer):
                         stochastic_rounding=stochastic_rounding, track_stats=track_stats)
         self._hyper(defaults)
         _check_max_grad_norm(max_grad_norm)
+        if max_grad_norm is not None and _built_by_zero_redundancy_optimizer():
+            raise ValueError("max_grad_norm: ZeroRedundancyOptimizer gives each rank's SNRAdamW only its shard of the "
+                             "params, so the norm would be the shard's; leave max_grad_norm=None and clip with "
+                             "torch.nn.utils.clip_grad_norm_(model.parameters(), c) before opt.step()")
         self._reset_caches()
         super().__init__(params, defaults)
         self.state = TrackedState(self.state)
@@ -539,6 +544,23 @@ def _check_max_grad_norm(value: Any) -> None:
 
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"max_grad_norm must be None (no clipping) or a finite number > 0, got {value!r}")
+
+
+def _built_by_zero_redundancy_optimizer() -> bool:
+    """Whether torch's ZeroRedundancyOptimizer is constructing this optimizer (it builds a local
+    one per rank over that rank's shard of the params): a `self` of that class a few frames up."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return False
+        if isinstance(frame.f_locals.get("self"), ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _by_mesh(work: Work, real_params: list[Tensor]):

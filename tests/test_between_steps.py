@@ -230,6 +230,26 @@ def test_gates_stay_finite_where_the_naive_form_overflows():
             torch.testing.assert_close(-p.detach().cpu().double(), q * m.double().sign(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", ["snr", "soft"])
+def test_a_zero_signal_under_large_noise_with_alpha_zero_closes_the_gate(backend, gate):
+    """m = 0 (beta1 = 0, a zero grad) under s ~ 1e34 with alpha = 0 and softness 0: every term of
+    the gate's denominator is 0 or below float32's range once scaled, so a naive 0/0 gives NaN.
+    The float64 reference's q is 0: the param only decays."""
+    hp = dict(lr=1e-2, betas=(0.0, 0.99), rho=0.99, eps=1e-8, weight_decay=0.1, gate=gate, alpha=0.0,
+              softness=0.0, gate_eps=1e-16, warmup_steps=0, maximize=False)
+    theta = torch.linspace(-1.0, 1.0, 8)
+    p = torch.nn.Parameter(theta.clone().to(DEVICE))
+    opt = SNRAdamW([p], backend=backend, **hp)
+    ref_theta, ref_state = theta.double(), reference.new_state(theta)
+    for g in (torch.full((8,), 1e18), torch.zeros(8)):
+        p.grad = g.to(DEVICE)
+        opt.step()
+        reference.reference_step(ref_theta, g, ref_state, **hp)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.detach().cpu().double(), ref_theta, rtol=1e-6, atol=1e-7)
+
+
 def test_adamws_positional_arguments_mean_the_same():
     """SNRAdamW(params, 1e-3, (0.9, 0.999), 1e-8, 0.1) used to set rho = 1e-8 and eps = 0.1."""
     p = torch.nn.Parameter(torch.ones(3))
@@ -439,10 +459,13 @@ def test_odd_layouts_copy_into_kept_stand_ins_without_rebuilding(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", ["snr", "soft", "hard", "none"])
-def test_grads_at_float32s_limit_keep_params_finite_like_adamw(backend, gate):
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+def test_grads_at_float32s_limit_keep_params_finite_like_adamw(backend, gate, beta1):
     """|g| = 3e38: v and s overflow float32 (inf), so AdamW's update is m / inf = 0 and only the
     weight decay moves the param. The gate must stay finite where s is inf (q = 0, not inf/inf):
-    else q * 0 = NaN. Against AdamW's rule (and AdamW itself for gate="none")."""
+    else q * 0 = NaN. Against AdamW's rule (and AdamW itself for gate="none"). beta1 = 0 puts m
+    itself at float32's limit (|m| > 2^127)."""
+    hp = dict(HP, betas=(beta1, HP["betas"][1]))
     gen = torch.Generator().manual_seed(7)
     init = torch.randn(16, generator=gen)
     grads = [torch.randn(16, generator=gen), torch.randn(16, generator=gen)]
@@ -450,8 +473,8 @@ def test_grads_at_float32s_limit_keep_params_finite_like_adamw(backend, gate):
     grads[1][5] = -3e38
     p = torch.nn.Parameter(init.clone().to(DEVICE))
     q = torch.nn.Parameter(init.clone().to(DEVICE))
-    opt = SNRAdamW([p], gate=gate, backend=backend, **HP)
-    ref = torch.optim.AdamW([q], **HP)
+    opt = SNRAdamW([p], gate=gate, backend=backend, **hp)
+    ref = torch.optim.AdamW([q], **hp)
     after_one = None
     for g in grads:
         p.grad, q.grad = g.clone().to(DEVICE), g.clone().to(DEVICE)
@@ -459,7 +482,7 @@ def test_grads_at_float32s_limit_keep_params_finite_like_adamw(backend, gate):
         ref.step()
         after_one = p.detach().clone() if after_one is None else after_one
     assert torch.isfinite(p).all() and torch.isfinite(q).all()
-    decay = 1 - HP["lr"] * HP["weight_decay"]
+    decay = 1 - hp["lr"] * hp["weight_decay"]
     for i in (3, 5):  # at step 2 the update is m / inf = 0: the decay alone, as AdamW's
         assert p[i].item() == pytest.approx(after_one[i].item() * decay, rel=1e-6)
     if gate == "none":

@@ -185,3 +185,29 @@ def test_the_norm_pass_of_a_large_bucket_counts_every_chunk(threads):
     # torch's norm of float64 copies
     expected = torch.nn.utils.get_total_norm([p.grad.double() for p in params]).float()
     torch.testing.assert_close(opt.last_grad_norm(), expected, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_grads_whose_squares_overflow_float32_are_clipped_not_skipped(backend):
+    """|g| = 1e20: g^2 is inf in float32 (torch's own float32 norm is inf here), but the norm is
+    finite, so the step clips instead of skipping. Against the norm of float64 copies and a plain
+    SNRAdamW fed the clipped grads. One element in a run of whole chunks, one in the tail."""
+    n = (1 << 15) + 7
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(n, generator=gen)
+    grad[5], grad[n - 2] = 1e20, -3e19
+    init = torch.randn(n, generator=gen)
+    p = torch.nn.Parameter(init.clone().to(DEVICE))
+    twin = torch.nn.Parameter(init.clone().to(DEVICE))
+    ours = SNRAdamW([p], backend=backend, max_grad_norm=1.0, track_stats=True, **HP)
+    plain = SNRAdamW([twin], backend=backend, **HP)
+    p.grad = grad.to(DEVICE)
+    ours.step()
+    norm = grad.double().norm()
+    torch.testing.assert_close(ours.last_grad_norm().cpu(), norm.float(), rtol=1e-7, atol=0)
+    twin.grad = (grad.double() * (1.0 / (norm + 1e-6))).float().to(DEVICE)
+    plain.step()
+    assert ours.stats()["skipped_steps"] == 0 and torch.isfinite(p).all()
+    close(p.detach(), twin.detach(), torch.float32)
+    for key, value in plain.state[twin].items():
+        close(ours.state[p][key], value, torch.float32)

@@ -244,3 +244,73 @@ def test_dtensor_grads_with_other_placements_are_redistributed(placement, tmp_pa
     got = torch.load(out)
     torch.testing.assert_close(got["param"], p.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["exp_avg"], ref.state[p]["exp_avg"], rtol=1e-6, atol=1e-7)
+
+
+def _fsdp_clip(rank, port, backend, max_norm, out):
+    """FSDP2 with the clipping in the step: the norm must be over both ranks' shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, port)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = make_model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = SNRAdamW(model.parameters(), backend=backend, max_grad_norm=max_norm, **HP)
+    norms = []
+    for x, y in batches():
+        opt.zero_grad()
+        loss_fn(model, _shard(x, rank), _shard(y, rank)).backward()
+        opt.step()
+        norms.append(opt.last_grad_norm().item())
+    full = {k: v.full_tensor().detach() for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save({"params": full, "norms": norms}, out)
+    _finish()
+
+
+@pytest.mark.parametrize("backend", DIST_BACKENDS)
+def test_fsdp2_clipping_in_the_step_equals_clip_grad_norm_in_one_process(backend, tmp_path):
+    """Issue 20: max_grad_norm under FSDP2 (each rank holds half of every param) against one
+    process that clips with torch.nn.utils.clip_grad_norm_ and then steps a plain SNRAdamW."""
+    max_norm = 0.05  # below every step's norm: clipping is active
+    out = tmp_path / "fsdp_clip.pt"
+    spawn(_fsdp_clip, backend, max_norm, str(out))
+    result = torch.load(out)
+    model = make_model()
+    opt = SNRAdamW(model.parameters(), backend=backend, **HP)
+    norms = []
+    for x, y in batches():
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
+        opt.step()
+    assert min(norms) > max_norm
+    assert result["norms"] == pytest.approx(norms, rel=1e-5)
+    expected = {k: v.detach() for k, v in model.state_dict().items()}
+    assert max_diff(result["params"], expected) <= 1e-6
+
+
+def _zero_clip(rank, port, out):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    _init(rank, port)
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    try:
+        ZeroRedundancyOptimizer(model.parameters(), optimizer_class=SNRAdamW, max_grad_norm=1.0, **HP)
+        message = None
+    except ValueError as e:
+        message = str(e)
+    if rank == 0:
+        torch.save({"message": message}, out)
+    _finish()
+
+
+def test_max_grad_norm_under_zero_redundancy_optimizer_is_refused(tmp_path):
+    """ZeroRedundancyOptimizer hands each rank's SNRAdamW its shard of the params only, so the norm
+    would be the shard's: refused with the alternative named."""
+    out = tmp_path / "zero_clip.pt"
+    spawn(_zero_clip, str(out))
+    message = torch.load(out)["message"]
+    assert message is not None and "max_grad_norm" in message and "clip_grad_norm_" in message

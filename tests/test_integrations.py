@@ -237,3 +237,70 @@ def test_trainer_with_clipping_in_the_step_equals_the_trainers_own_clipping(tmp_
     for a, b in zip(runs["snr"][0].model.parameters(), runs["trainer"][0].model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert all(e["snr/skipped_steps"] == 0 for e in runs["snr"][1])
+
+
+def test_accelerate_with_clipping_in_the_step_equals_its_own_clip_grad_norm_():
+    """Issue 20: Accelerate's recipe (accelerator.clip_grad_norm_ before a plain step) against
+    SNRAdamW(max_grad_norm=...) prepared by the same Accelerator, no clipping call."""
+    accelerate = pytest.importorskip("accelerate")
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    twin = copy.deepcopy(model)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, opt = accelerator.prepare(model, SNRAdamW(model.parameters(), lr=1e-2, max_grad_norm=0.1))
+    twin, twin_opt = accelerator.prepare(twin, SNRAdamW(twin.parameters(), lr=1e-2))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 1, generator=gen)
+        opt.zero_grad()
+        accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+        opt.step()
+        twin_opt.zero_grad()
+        accelerator.backward(torch.nn.functional.mse_loss(twin(x), y))
+        norm = accelerator.clip_grad_norm_(twin.parameters(), 0.1)
+        twin_opt.step()
+        assert norm > 0.1  # clipping was active
+        torch.testing.assert_close(opt.optimizer.last_grad_norm(), norm, rtol=1e-6, atol=0)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lightning_with_clipping_in_the_step_equals_its_gradient_clip_val(tmp_path):
+    """Issue 20: Trainer(gradient_clip_val=c) with a plain SNRAdamW against Trainer(gradient_clip_val=
+    None) with SNRAdamW(max_grad_norm=c): the same params; SNRStatsLogger logs snr/grad_norm."""
+    lightning = pytest.importorskip("lightning")
+    from snr_triton.integrations.lightning import SNRStatsLogger
+
+    class Module(lightning.LightningModule):
+        def __init__(self, max_grad_norm):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+            self.max_grad_norm = max_grad_norm
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return SNRAdamW(self.parameters(), lr=1e-2, max_grad_norm=self.max_grad_norm)
+
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=gen), 10 * torch.randn(64, 1, generator=gen))
+
+    def fit(clip_val, ours):
+        module = Module(ours)
+        t = lightning.Trainer(max_epochs=1, logger=lightning.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
+                              callbacks=[SNRStatsLogger()], enable_progress_bar=False, enable_model_summary=False,
+                              default_root_dir=tmp_path, accelerator="cpu", enable_checkpointing=False,
+                              deterministic=True, gradient_clip_val=clip_val, gradient_clip_algorithm="norm")
+        t.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+        return t, module
+
+    theirs, their_module = fit(0.5, None)
+    ours, our_module = fit(None, 0.5)
+    assert ours.logged_metrics["snr/grad_norm"] > 0.5  # clipping was active at the last step
+    assert "snr/grad_norm" not in theirs.logged_metrics
+    for a, b in zip(our_module.parameters(), their_module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

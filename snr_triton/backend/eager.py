@@ -56,6 +56,9 @@ def _store(dst: Sequence[Tensor], src: Sequence[Tensor], streams: Sequence[int] 
             d.copy_(s)
 
 
+_TINY = torch.finfo(torch.float32).tiny  # the gate's denominator floor: 0 / 0 would be NaN
+
+
 def _gate(x: list[Tensor], y: list[Tensor], tail: list[Tensor], h: Hyper) -> list[Tensor]:
     """q per element from x = m-hat^2/c^2, y = s-hat/c^2 and delta/c^2 (ALGORITHM.md, overflow-safe);
     consumes its inputs."""
@@ -64,6 +67,7 @@ def _gate(x: list[Tensor], y: list[Tensor], tail: list[Tensor], h: Hyper) -> lis
         den = torch._foreach_mul(y, lam * alpha)
         torch._foreach_add_(den, x)
         torch._foreach_add_(den, tail)
+        torch._foreach_clamp_min_(den, _TINY)  # 0 only where x = 0 (alpha*softness = 0, tail below range): q = 0
         torch._foreach_div_(x, den)
         return x
     if gate == "soft":
@@ -72,6 +76,7 @@ def _gate(x: list[Tensor], y: list[Tensor], tail: list[Tensor], h: Hyper) -> lis
         torch._foreach_mul_(y, lam)
         torch._foreach_add_(y, d)
         torch._foreach_add_(y, tail)
+        torch._foreach_clamp_min_(y, _TINY)  # 0 only where d = 0: q = 0
         torch._foreach_div_(d, y)
         return d
     if gate == "hard":
