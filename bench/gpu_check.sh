@@ -2,12 +2,15 @@
 # The one prepared GPU check (at most 9.5 minutes, about 6 on an H200; nothing to install: torch with CUDA,
 # triton, pytest, pytest-xdist, pytest-timeout and hypothesis must be there, no network):
 #   1. `snr-triton check` on the GPU: every kernel variant compiled, against the float64 reference;
-#   2. the CUDA-only tests (CUDA-graph capture, torch.compile of a training step, >2^31 elements,
-#      20 steps with fresh grads, a changing active set, GradScaler and stats under
-#      torch.cuda.set_sync_debug_mode("error"): no host synchronization in step());
-#   3. the benchmark table: 16M, 64M, 256M and 1G params in fp32 and bf16 (and bf16 states),
-#      ms/step, GB/s, % of a same-size copy, ratios to torch.optim.AdamW fused and foreach, host
-#      overhead with 1,000 tensors;
+#   2. sync-debug: 20 steps with fresh grads, a changing active set, GradScaler, stats and
+#      max_grad_norm under torch.cuda.set_sync_debug_mode("error"): no host synchronization in
+#      step(); then the other CUDA-only tests (CUDA-graph capture of a step and of a whole
+#      training step, by hand and by torch.compile(mode="reduce-overhead"), torch.compile of a
+#      training step, >2^31 elements);
+#   3. the benchmark table: 1M to 1G params in fp32 and bf16 (and bf16 states), device time
+#      (triton.testing.do_bench) and the latency of one synchronized step, GB/s, % of a
+#      same-size copy, ratios to torch.optim.AdamW fused (with and without clip_grad_norm_) and
+#      foreach, host overhead with 1,000 tensors;
 #   4. the whole test suite compiled (not interpreted), in parallel.
 # Each stage has its own time limit and log, and a failure does not stop the later stages.
 # Output to stdout and, where $OUT is set, logs + JSON + PNG there.
@@ -33,7 +36,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.t
 }
 
 stage check 60 python3 -m snr_triton.cli check
-stage pytest_gpu 90 python3 -m pytest -q -p no:cacheprovider -rfE --timeout 120 tests/test_gpu.py
+stage sync-debug 60 python3 -m pytest -v -p no:cacheprovider -rfE --timeout 50 \
+    tests/test_gpu.py::test_no_host_synchronization_in_a_step
+stage pytest_gpu 90 python3 -m pytest -v -p no:cacheprovider -rfE --timeout 120 tests/test_gpu.py \
+    --deselect tests/test_gpu.py::test_no_host_synchronization_in_a_step
 stage bench 120 python3 -m snr_triton.cli bench --device cuda --steps 20 --json "$out/bench_gpu.json" \
     --dtype float32 bfloat16
 if [ -f "$out/bench_gpu.json" ]; then
@@ -42,7 +48,7 @@ fi
 # -v: each result is logged as it comes, so a stage cut off at its limit still says what failed
 # (the first run, 2026-11-29, finished every test but hung at exit and lost its summary);
 # one inductor compile thread per worker: no compile-worker pools left behind at exit.
-TORCHINDUCTOR_COMPILE_THREADS=1 stage pytest_all 300 python3 -m pytest -v -p no:cacheprovider -rfE \
+TORCHINDUCTOR_COMPILE_THREADS=1 stage pytest_all 240 python3 -m pytest -v -p no:cacheprovider -rfE \
     --timeout 180 -n 12 tests/ --ignore=tests/test_distributed.py --ignore=tests/test_gpu.py
 echo "gpu_check: $([ $status = 0 ] && echo ok || echo FAILED)"
 exit $status

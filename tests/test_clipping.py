@@ -145,7 +145,7 @@ def test_max_grad_norm_is_the_whole_optimizers():
         SNRAdamW([torch.nn.Parameter(torch.ones(3))]).last_grad_norm()
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])  # eager reads found_inf on the host
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_clipping_traces_without_graph_breaks(backend):
     torch._dynamo.reset()
     torch._logging.set_logs(dynamo=logging.ERROR)
@@ -211,3 +211,41 @@ def test_finite_grads_whose_squares_overflow_float32_are_clipped_not_skipped(bac
     close(p.detach(), twin.detach(), torch.float32)
     for key, value in plain.state[twin].items():
         close(ours.state[p][key], value, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_compiled_step_with_clipping_equals_eager_and_skips_on_device(backend):
+    """Compiled (aot_eager, fullgraph: no host read of the norm or found_inf), a clipping step
+    equals the uncompiled one, and a non-finite grad changes nothing (the eager backend then
+    decides on the device: its step works on copies and stores only where found_inf is 0)."""
+    torch._dynamo.reset()
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    try:
+        model, twin = models()
+        opts = [SNRAdamW(m.parameters(), lr=torch.tensor(1e-2, device=DEVICE), backend=backend, max_grad_norm=0.05,
+                         track_stats=True, alpha=0.5) for m in (model, twin)]
+        for m, o in zip((model, twin), opts):
+            backward(m, 0)
+            o.step()
+        compiled = torch.compile(opts[0].step, backend="aot_eager", fullgraph=True)
+        for k in (1, 2, 3):
+            backward(model, k)
+            backward(twin, k)
+            if k == 2:
+                before = [p.detach().clone() for p in model.parameters()]
+                states = [{key: v.clone() for key, v in opts[0].state[p].items()} for p in model.parameters()]
+                next(model.parameters()).grad.view(-1)[0] = float("inf")
+                next(twin.parameters()).grad.view(-1)[0] = float("inf")
+            compiled()
+            opts[1].step()
+            if k == 2:
+                for p, b, st in zip(model.parameters(), before, states):
+                    assert torch.equal(p.detach(), b)
+                    for key, value in st.items():
+                        assert torch.equal(opts[0].state[p][key], value), key
+                assert opts[0].stats()["skipped_steps"] == 1 and math.isnan(opts[0].stats()["mean_gate"])
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opts[0].last_grad_norm(), opts[1].last_grad_norm(), rtol=1e-6, atol=0)
+    finally:
+        torch._dynamo.reset()

@@ -114,3 +114,71 @@ def test_no_host_synchronization_in_a_step():
     steps = opt.state[model[2].weight]["step"].item()
     assert 15 <= steps <= 20  # GradScaler skips a few early steps while it finds its scale
     assert opt.state[late]["step"].item() <= 10 and opt.stats()["mean_gate"] >= 0
+
+
+def _whole_step_models():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).cuda()
+    twin = copy.deepcopy(model)
+    opts = [SNRAdamW(m.parameters(), lr=torch.tensor(1e-3, device="cuda"), backend="triton", max_grad_norm=1.0)
+            for m in (model, twin)]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    data = [(torch.randn(32, 64, device="cuda", generator=gen), torch.randn(32, 8, device="cuda", generator=gen))
+            for _ in range(6)]
+    return model, twin, opts, data
+
+
+def _eager_steps(model, opt, data):
+    for x, y in data:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def test_a_whole_training_step_captured_by_hand_in_a_cuda_graph():
+    """Issue 19: forward, backward and step (with max_grad_norm) in one torch.cuda.graph, the recipe
+    of torch's CUDA-graph notes (warm-up on a side stream, grads set to None before capture, static
+    inputs), replayed on new data: equal to the same steps run eagerly."""
+    model, twin, (opt, twin_opt), data = _whole_step_models()
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state, block maps, kernels compiled
+        _eager_steps(model, opt, [(static_x, static_y)] * 3)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        torch.nn.functional.mse_loss(model(static_x), static_y).backward()
+        opt.step()
+    for x, y in data[1:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+    _eager_steps(twin, twin_opt, [data[0]] * 3 + data[1:])
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.state[model[0].weight]["step"].item() == 3 + len(data) - 1
+
+
+def test_a_whole_training_step_under_compile_reduce_overhead():
+    """Issue 19: forward, backward and step in one torch.compile(mode="reduce-overhead") function
+    (CUDA graphs by inductor's cudagraph trees where it can), equal to the eager steps."""
+    model, twin, (opt, twin_opt), data = _whole_step_models()
+
+    def train_step(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss.detach()
+
+    compiled = torch.compile(train_step, mode="reduce-overhead")
+    for x, y in data:
+        compiled(x, y)
+        torch.compiler.cudagraph_mark_step_begin()
+    _eager_steps(twin, twin_opt, data)
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,8 +1,8 @@
 """The eager backend: the update as multi-tensor (foreach) torch ops.
 
 The portable, checked path for any device and floating dtype the fused kernels do not serve.
-It writes temporaries and reads host scalars (lr tensors, step counts, found_inf), so it is
-neither the fastest path nor capturable in a CUDA graph.
+It writes temporaries and reads stochastic rounding's seeds on the host (and a CPU found_inf
+outside torch.compile), so it is neither the fastest path nor capturable in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None
     return torch.where(torch.isfinite(x), out, x).to(torch.bfloat16)
 
 
-def _upcast(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+def _upcast(tensors: Sequence[Tensor], dtype: torch.dtype, copy: bool = False) -> list[Tensor]:
+    return [t.to(dtype, copy=copy) for t in tensors]
 
 
-def _store(dst: Sequence[Tensor], src: Sequence[Tensor], streams: Sequence[int] | None = None) -> None:
-    """Copy back into storage; with `streams` (one seed per tensor), bf16 rounds stochastically."""
+def _store(dst: Sequence[Tensor], src: Sequence[Tensor], streams: Sequence[int] | None = None,
+           skip: Tensor | None = None) -> None:
+    """Copy back into storage; with `streams` (one seed per tensor), bf16 rounds stochastically;
+    where the 0-dim `skip` is true, the storage keeps its value (decided on the device)."""
     generator = None
     for k, (d, s) in enumerate(zip(dst, src)):
         if d is s:
@@ -51,9 +53,8 @@ def _store(dst: Sequence[Tensor], src: Sequence[Tensor], streams: Sequence[int] 
             if generator is None:
                 generator = torch.Generator(d.device)
             generator.manual_seed(streams[k])
-            d.copy_(stochastic_round_to_bf16(s, generator))
-        else:
-            d.copy_(s)
+            s = stochastic_round_to_bf16(s, generator)
+        d.copy_(s if skip is None else torch.where(skip, d, s))
 
 
 _TINY = torch.finfo(torch.float32).tiny  # the gate's denominator floor: 0 / 0 would be NaN
@@ -105,35 +106,47 @@ def step(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: l
          grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
     """One step for the active params of a bucket (local real views, with their slots); all math in
     `compute_dtype`. Step counts, bias corrections and a tensor lr stay tensors (no host reads, so
-    torch.compile traces it); grad_scale/found_inf and stochastic rounding's seeds are read on the host."""
+    torch.compile traces it); grad_scale stays a tensor; a found_inf on a GPU or under torch.compile
+    is applied on the device (the step works on copies, stored where found_inf is 0), a CPU one is
+    read on the host when not compiling (free there); stochastic rounding's seeds are read on the host."""
     if not params:
         return None
     cdt = compute_dtype(bucket.dtype)
     sums = None
     if hyper.track_stats:  # a buffer kept with the bucket, as the fused backends keep theirs
         sums = bucket.stats_buffer(len(params), cdt).zero_()
-    if found_inf is not None and found_inf.item() != 0:
-        return sums
+    skip = None
+    if found_inf is not None:
+        if found_inf.device.type == "cpu" and not torch.compiler.is_compiling():
+            if found_inf.item() != 0:  # host memory: reading it waits for nothing
+                return sums
+        else:  # decided on the device: no synchronization, no graph break
+            skip = found_inf != 0
     exp_avgs, exp_avg_sqs, exp_grad_vars = ([s.real[k] for s in slots] for k in range(3))
     steps = [s.step for s in slots]
     seeds = [s.seed for s in slots]
-    torch._foreach_add_(steps, 1)
-    inv_scale = 1.0 / grad_scale.item() if grad_scale is not None else None
+    if skip is None:
+        torch._foreach_add_(steps, 1)
+    else:  # a list of 0-dim tensors: the tensor-scalar overload reads its scalar on the host
+        torch._foreach_add_(steps, [(~skip).to(steps[0].dtype)] * len(steps))
+    inv_scale = grad_scale.reciprocal() if grad_scale is not None else None
     quints = [list(params), list(grads), exp_avgs, exp_avg_sqs, exp_grad_vars]
     batch, size = [], 0
     for piece in _pieces(quints, steps, seeds):
         batch.append(piece)
         size += piece[0][0].numel()
         if size >= BATCH:
-            sums = _step_pieces(batch, hyper, cdt, inv_scale, sums)
+            sums = _step_pieces(batch, hyper, cdt, inv_scale, sums, skip)
             batch, size = [], 0
     if batch:
-        sums = _step_pieces(batch, hyper, cdt, inv_scale, sums)
+        sums = _step_pieces(batch, hyper, cdt, inv_scale, sums, skip)
+    if skip is not None and sums is not None:
+        sums.masked_fill_(skip, 0)  # a skipped step has no stats, as in the fused kernels
     return sums
 
 
-def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
-                 sums: Tensor | None) -> Tensor | None:
+def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: Tensor | None,
+                 sums: Tensor | None, skip: Tensor | None) -> Tensor | None:
     """Step a batch of pieces; with `sums` ([params, STATS]), add each piece's gate sums to its param's row."""
     params, grads, exp_avgs, exp_avg_sqs, exp_grad_vars = (list(x) for x in zip(*(q for q, _, _, _ in batch)))
     track_stats = sums is not None
@@ -153,11 +166,12 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
     bc3 = bc3.to(cdt).unbind()
     bc1 = bc1.to(cdt).unbind()
 
-    p = _upcast(params, cdt)
+    keep = skip is not None  # the step may be skipped: work on copies, stored where not skipped
+    p = _upcast(params, cdt, keep)
     g = _upcast(grads, cdt)
-    m = _upcast(exp_avgs, cdt)
-    v = _upcast(exp_avg_sqs, cdt)
-    s = _upcast(exp_grad_vars, cdt)
+    m = _upcast(exp_avgs, cdt, keep)
+    v = _upcast(exp_avg_sqs, cdt, keep)
+    s = _upcast(exp_grad_vars, cdt, keep)
     if inv_scale is not None:
         g = torch._foreach_mul(g, inv_scale)
     if h.maximize:
@@ -218,10 +232,10 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: float | None,
     streams = None
     if h.stochastic_rounding:  # each piece's own stream, varied by step (read on the host)
         streams = [(seed + int(t) * 0x2545F4914F6CDD1D) & 0x7FFFFFFFFFFFFFFF for _, t, seed, _ in batch]
-    _store(params, p, streams)
-    _store(exp_avgs, m)
-    _store(exp_avg_sqs, v)
-    _store(exp_grad_vars, s)
+    _store(params, p, streams, skip)
+    _store(exp_avgs, m, skip=skip)
+    _store(exp_avg_sqs, v, skip=skip)
+    _store(exp_grad_vars, s, skip=skip)
     return sums
 
 
