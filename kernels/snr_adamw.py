@@ -108,34 +108,46 @@ def _store4(p_ptr, m_ptr, v_ptr, s_ptr, p, m, v, s, mask, seed_ptr, rand_offsets
 
 @triton.jit
 def _gate(m, s, first, bc1_over_sqrt_bc3, gate_eps_bc1_sq, alpha, softness, GATE: tl.constexpr):
-    """q of ALGORITHM.md, overflow-safe: m-hat^2 and alpha*s-hat are never formed. With A = |m|
-    and B = sqrt(s)*bc1/sqrt(bc3) (B/bc1 = sqrt(s-hat)), both divided by C = max(A, B):
-    x = m-hat^2/c^2 and y = s-hat/c^2 lie in [0, 1], and delta/c^2 = delta*bc1^2/C^2; q = 0 when
-    C = 0. Finite in [0, 1] for every finite m and s."""
+    """q of ALGORITHM.md, overflow-safe: m-hat^2 and alpha*s-hat are never formed. A = |m| and
+    B = sqrt(s)*bc1/sqrt(bc3) (B/bc1 = sqrt(s-hat)); B weighed by the root of the coefficient k its
+    square has in the gate's denominator (snr: lambda*alpha; soft: max(alpha, lambda); hard:
+    alpha), B' = B*sqrt(k), so that where k = 0 (softness = 0, say) a large s does not push m out of
+    float32's range; both divided by C = max(A, B'): x = m-hat^2/c^2 and yk = k*s-hat/c^2 lie in
+    [0, 1], and delta/c^2 = delta*bc1^2/C^2; q = 0 when C = 0. Finite in [0, 1] for every finite m
+    and s. `above` (m-hat^2 > alpha*s-hat) compares A with sqrt(alpha)*B unsquared."""
     a = tl.abs(m)
     b = tl.where(first, a, tl.sqrt_rn(s) * bc1_over_sqrt_bc3)  # t = 1: s-hat := m-hat^2
-    c = tl.maximum(a, b)
+    if GATE == GATE_SNR:
+        k = softness * alpha
+    elif GATE == GATE_SOFT:
+        k = tl.maximum(alpha, softness)
+    else:
+        k = alpha
+    k = tl.cast(k, tl.float32)  # a hyperparameter below float32's range arrives as fp64: 0 here, as in the math
+    bk = tl.where(k > 0.0, b * tl.sqrt_rn(k), 0.0)  # not inf * 0 where s overflowed
+    c = tl.maximum(a, bk)
     nonzero = c > 0.0
     inv = 1.0 / tl.where(nonzero, c, 1.0)
-    ra = tl.where(a >= b, 1.0, a * inv)  # the larger is exactly 1: also when s overflowed to inf
-    rb = tl.where(b >= a, 1.0, b * inv)
+    ra = tl.where(a >= bk, 1.0, a * inv)  # the larger is exactly 1: also when s overflowed to inf
+    rb = tl.where(bk >= a, 1.0, bk * inv)
     x = ra * ra
-    y = rb * rb
+    yk = rb * rb
     tail = (gate_eps_bc1_sq * inv) * inv
-    # each denominator is floored at float32's smallest normal: it is 0 only where its numerator is
-    # (alpha * softness = 0 and tail below float32's range), and 0 / 0 would be NaN, not q = 0
+    # each denominator is floored at float32's smallest normal: it is 0 only where its numerator is,
+    # and 0 / 0 would be NaN, not q = 0
     if GATE == GATE_SNR:
-        q = x / tl.maximum(x + (softness * alpha) * y + tail, 1.1754943508222875e-38)
+        q = x / tl.maximum(x + yk + tail, 1.1754943508222875e-38)
     elif GATE == GATE_SOFT:
-        d = tl.maximum(x - alpha * y, 0.0)
-        q = d / tl.maximum(d + softness * y + tail, 1.1754943508222875e-38)
+        k_pos = tl.maximum(k, 1.1754943508222875e-38)
+        d = tl.maximum(x - (alpha / k_pos) * yk, 0.0)
+        q = d / tl.maximum(d + (softness / k_pos) * yk + tail, 1.1754943508222875e-38)
     elif GATE == GATE_HARD:
-        q = tl.where(x > alpha * y, 1.0, 0.0)
+        q = tl.where(x > yk, 1.0, 0.0)
     else:  # none
         q = tl.full(m.shape, 1.0, tl.float32)
     if GATE != GATE_NONE:
         q = tl.where(nonzero, q, 0.0)  # m = s = 0
-    return q, x > alpha * y
+    return q, a > tl.sqrt_rn(tl.cast(alpha, tl.float32)) * b
 
 
 @triton.jit
@@ -189,7 +201,9 @@ def snr_adamw_kernel(
 
     diff = g - m  # m before this step's update
     s = rho * s + (one_minus_rho * diff) * diff  # (1-rho)*diff first: finite for every finite g
-    m = m + one_minus_beta1 * diff  # torch's lerp(m, g, 1 - beta1)
+    # torch's lerp(m, g, w = 1 - beta1), both of its branches: from g when w >= 0.5, so that
+    # beta1 = 0 gives m = g exactly (m + w * (g - m) cancels to 0 where |m| >> |g|)
+    m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * diff, g - diff * (1.0 - one_minus_beta1))
     v = beta2 * v + (one_minus_beta2 * g) * g  # as torch's addcmul
     denom = tl.sqrt_rn(v) / tl.sqrt_rn(bc2) + eps
     first = t == 1.0  # ALGORITHM.md: at t = 1 the gate uses s-hat := m-hat^2

@@ -73,10 +73,17 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
     const float inv_bc1 = (float)(1.0 / bc1);                                                      \
     const float inv_bc2_sqrt = (float)(1.0 / sqrt(1.0 - pow(h->beta2, t)));                        \
     const float inv_bc3 = (float)(1.0 / bc3);                                                      \
-    /* b = bc1 * sqrt(s-hat) = sqrt(s) * bc1 / sqrt(bc3); kept squared (no sqrt per element) */    \
-    const int32_t b_scale_exp = b_scale_exponent(bc1 / sqrt(bc3));                                 \
+    /* b = bc1 * sqrt(s-hat) = sqrt(s) * bc1 / sqrt(bc3), kept squared (no sqrt per element). The  \
+     * scale weighs b by the root of the coefficient its square has in the gate's denominator    \
+     * (snr: lambda*alpha; soft: the larger of alpha, lambda; hard and stats: alpha): where that is \
+     * 0 (softness = 0, say), a large s must not push m below float32's range. */                \
+    const double coef = GATE == GATE_SNR ? h->softness * h->alpha                                  \
+                      : GATE == GATE_SOFT ? (h->alpha > h->softness ? h->alpha : h->softness) : h->alpha; \
+    const int32_t b_scale_exp = coef > 0 ? b_scale_exponent(bc1 / sqrt(bc3) * sqrt(coef)) : -(1 << 20); \
     const float tail_scale = (float)(h->gate_eps * bc1 * bc1);                                     \
     const float omb1 = (float)(1.0 - h->beta1);                                                    \
+    const float b1f = 1.0f - omb1; /* as torch: 1 - weight, in float */                           \
+    const int lerp_low = omb1 < 0.5f;                                                              \
     const float b2 = (float)h->beta2, omb2 = (float)(1.0 - h->beta2);                             \
     const float rho = (float)h->rho, omrho = (float)(1.0 - h->rho);                               \
     const float eps = (float)h->eps, alpha = (float)h->alpha;                                      \
@@ -93,7 +100,9 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         float m = LOADS(m_buf[i]);                                                                 \
         const float diff = g - m;                                                                  \
         const float s = rho * LOADS(s_buf[i]) + (omrho * diff) * diff; /* finite for finite g */   \
-        m = m + omb1 * diff;                                                                       \
+        /* torch's lerp(m, g, w = 1 - beta1), both branches: from g when w >= 0.5, so beta1 = 0   \
+         * gives m = g exactly (m + w * (g - m) cancels to 0 where |m| >> |g|) */                \
+        m = lerp_low ? m + omb1 * diff : g - diff * b1f;                                           \
         const float v = b2 * LOADS(v_buf[i]) + (omb2 * g) * g; /* as torch's addcmul */            \
         const float denom = sqrtf(v) * inv_bc2_sqrt + eps;                                         \
         /* the gate, overflow-safe (ALGORITHM.md "Numerics"): a = |m| and b = bc1 * sqrt(s-hat)  \
@@ -103,20 +112,22 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
          * gate is x/(x + lambda*alpha*y + tail) (snr; soft likewise), folded with m/denom into    \
          * one division: update = m * (x / ((x + ...) * denom)). */                               \
         const int32_t ea = (float_bits(m) >> 23) & 255; /* |m|'s exponent field */               \
-        const int32_t eb = FIRST ? ea : ((float_bits(s) + (127 << 23)) >> 24) + b_scale_exp;      \
+        const int32_t es = (float_bits(s) >> 23) & 255; /* sqrt(s)'s exponent field: (es + 127) / 2 */ \
+        const int32_t eb = FIRST ? ea : ((es + 127) >> 1) + b_scale_exp;                          \
         const int32_t e0 = ea > eb ? ea : eb, e = e0 < 252 ? e0 : 252;                             \
         const float r = bits_float((253 - e) << 23); /* 2^(126 - e): a normal float */            \
         const float mr = m * r, x = mr * mr;                                                       \
-        const float ys = FIRST ? x : (s * r) * r; /* y / b_scale^2 (t = 1: y = x) */              \
+        const float ys0 = (s * r) * r; /* y / b_scale^2, finite where coef > 0 (t = 1: y = x) */  \
+        const float ys = FIRST ? x : (ys0 < FLT_MAX ? ys0 : FLT_MAX); /* not inf: 0 * inf = NaN */ \
         const float tail = (tail_scale * r) * r; /* inf for tiny a, b: q = 0, as exactly */       \
         const int above = x > alpha_y * ys;                                                        \
         const float d = x - alpha_y * ys > 0.0f ? x - alpha_y * ys : 0.0f;                         \
         const float num = GATE == GATE_SNR ? x : d;                                                \
         const float den0 = GATE == GATE_SNR ? x + lam_alpha_y * ys + tail : d + lam_y * ys + tail; \
-        const float den = den0 > FLT_MIN ? den0 : FLT_MIN; /* 0 only where num = 0: q = 0 */      \
+        const float dd0 = den0 * denom, dd = dd0 > FLT_MIN ? dd0 : FLT_MIN; /* 0 only where num is */ \
         const float update = GATE == GATE_NONE ? m / denom                                         \
                            : GATE == GATE_HARD ? (above ? m / denom : 0.0f)                        \
-                           : m * (num / (den * denom));                                             \
+                           : m * (num / dd);                                                        \
         const float p = LOADP(param[i]) * decay - step_size * update;                              \
         param[i] = STOREP(p);                                                                      \
         m_buf[i] = STORES(m);                                                                      \
@@ -125,7 +136,7 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         if (STATS) {                                                                               \
             const float mhat = m * inv_bc1, signal = mhat * mhat;                                  \
             const float q = GATE == GATE_NONE ? 1.0f : GATE == GATE_HARD ? (above ? 1.0f : 0.0f)   \
-                          : num / den;                                                             \
+                          : num / (den0 > FLT_MIN ? den0 : FLT_MIN);                               \
             sum_q += q; sum_above += above ? 1.0 : 0.0;                                            \
             sum_signal += signal; sum_noise += alpha * (FIRST ? signal : s * inv_bc3);             \
         }                                                                                          \

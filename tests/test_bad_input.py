@@ -96,6 +96,19 @@ def test_finite_alpha():
             finite_alpha(b, n)
     with pytest.raises(ValueError, match="batch_size must be an int"):
         finite_alpha(2.5, 10)
+    with pytest.raises(ValueError, match="dataset_size must be an int"):
+        finite_alpha(2, 10.0)
+    assert finite_alpha(1, 11) == 1 / 10  # the smallest batch: b = 1 is valid
+
+
+@pytest.mark.parametrize("name", ["lr", "betas"])
+@pytest.mark.parametrize("bad,pattern", [(torch.tensor([1, 2]), "must hold one element"),
+                                         (torch.tensor(1), "must be floating point")])
+def test_tensor_hyperparameters_of_the_wrong_shape_or_dtype_are_refused(name, bad, pattern):
+    p = torch.nn.Parameter(torch.ones(3))
+    kw = {"lr": bad} if name == "lr" else {"betas": (bad, torch.tensor(0.999))}
+    with pytest.raises(ValueError, match=rf"{'lr' if name == 'lr' else 'betas.0.'} as a tensor {pattern}"):
+        SNRAdamW([p], **kw)
 
 
 def _trained_opt(backend="eager"):

@@ -93,3 +93,53 @@ def test_gate_is_in_unit_interval(m, s, gate, alpha, lam):
     q = gate_q(torch.tensor([m], dtype=torch.float64), torch.tensor([s], dtype=torch.float64), gate=gate,
                alpha=alpha, softness=lam, gate_eps=1e-16)
     assert 0.0 <= q.item() <= 1.0
+
+
+# 0, or well within float32's range (a 1e-33 hyperparameter is 0 or 1 - 0 = 1 to a float32 kernel)
+COEFFICIENT = st.one_of(st.just(0.0), st.floats(1e-3, 4.0))
+
+
+@given(seed=st.integers(0, 2**16), gate=st.sampled_from(["snr", "soft", "hard"]),
+       backend=st.sampled_from(BACKENDS), alpha=COEFFICIENT, softness=COEFFICIENT,
+       # beta1 = 0, or not so small that float32's 1 - (1 - beta1) is off by more than 1e-6 relative
+       betas=st.tuples(st.one_of(st.just(0.0), st.floats(0.05, 0.99)), st.floats(0.5, 0.9999)),
+       rho=st.one_of(st.just(0.0), st.floats(1e-3, 0.999)))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_gate_matches_the_reference_across_float32s_exponent_range(seed, gate, backend, alpha, softness,
+                                                                       betas, rho):
+    """States written by hand with magnitudes from 1e-37 to 1e37 (m and g below 1e18, so that s
+    stays finite in float32), one gated step at t = 2 from theta = 0, so that the param is the
+    update itself: every backend's against the float64 reference, relative to its size. The
+    kernels scale the gate (ALGORITHM.md, "Numerics"); this is where a scale that loses range
+    would show. Elements within 1e-4 (relative; 1e-2 for soft, whose d = m-hat^2 - alpha*s-hat loses
+    digits there) of the boundary m-hat^2 = alpha*s-hat are left out: there the hard gate, and the
+    soft one with softness 0, jump from 0 to 1 and float32 rounding may land on either side (beta1 = rho = 0 and alpha = 1 put many elements there); so are those
+    whose q is below 1e-30, which a float32 kernel holds as a subnormal with few digits."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def log_uniform(lo, hi, signed):
+        x = 10.0 ** (lo + (hi - lo) * torch.rand(64, generator=gen, dtype=torch.float64))
+        return (x * torch.randn(64, generator=gen, dtype=torch.float64).sign() if signed else x).float()
+
+    m, v, s, g = log_uniform(-37, 18, True), log_uniform(-37, 37, False), log_uniform(-37, 37, False), \
+        log_uniform(-19, 18, True)
+    hp = dict(lr=1e-2, betas=betas, rho=rho, eps=1e-8, weight_decay=0.1, gate=gate, alpha=alpha, softness=softness,
+              gate_eps=1e-16, warmup_steps=0, maximize=False)
+    p = torch.nn.Parameter(torch.zeros(64, device=DEVICE))
+    opt = SNRAdamW([p], backend=backend, **hp)
+    p.grad = torch.zeros(64, device=DEVICE)
+    opt.step()  # creates the states
+    with torch.no_grad():
+        p.zero_()
+        for key, value in (("exp_avg", m), ("exp_avg_sq", v), ("exp_grad_var", s)):
+            opt.state[p][key].copy_(value.to(DEVICE))
+    p.grad = g.to(DEVICE)
+    opt.step()
+    ref = torch.zeros(64)
+    state = {"step": 1, "exp_avg": m.double(), "exp_avg_sq": v.double(), "exp_grad_var": s.double()}
+    out = reference.reference_step(ref, g.double(), state, **hp)
+    signal, noise = out["mhat"] ** 2, alpha * out["shat"]
+    margin = 1e-2 if gate == "soft" else 1e-4  # soft's d = x - alpha*y carries ulp(x) / margin
+    clear = ((signal - noise).abs() > margin * (signal + noise)) & (out["q"] > 1e-30)  # q below: subnormals
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.detach().cpu()[clear], ref[clear], rtol=2e-5, atol=1e-38)

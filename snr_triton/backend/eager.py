@@ -60,29 +60,38 @@ def _store(dst: Sequence[Tensor], src: Sequence[Tensor], streams: Sequence[int] 
 _TINY = torch.finfo(torch.float32).tiny  # the gate's denominator floor: 0 / 0 would be NaN
 
 
-def _gate(x: list[Tensor], y: list[Tensor], tail: list[Tensor], h: Hyper) -> list[Tensor]:
-    """q per element from x = m-hat^2/c^2, y = s-hat/c^2 and delta/c^2 (ALGORITHM.md, overflow-safe);
-    consumes its inputs."""
-    gate, alpha, lam = h.gate, h.alpha, h.softness
+def _weight(h: Hyper) -> float:
+    """k, the coefficient of s-hat in the gate's denominator (snr: lambda*alpha; soft: the larger of
+    alpha, lambda; hard: alpha): b is weighed by sqrt(k) before the scaling, so that where k = 0
+    (softness = 0, say) a large s-hat does not push m-hat out of float32's range."""
+    if h.gate == "snr":
+        return h.softness * h.alpha
+    if h.gate == "soft":
+        return max(h.alpha, h.softness)
+    return h.alpha
+
+
+def _gate(x: list[Tensor], yk: list[Tensor], tail: list[Tensor], h: Hyper) -> list[Tensor]:
+    """q per element from x = m-hat^2/c^2, yk = k*s-hat/c^2 (k = _weight(h)) and delta/c^2
+    (ALGORITHM.md, overflow-safe); consumes its inputs."""
+    gate, alpha, lam, k = h.gate, h.alpha, h.softness, max(_weight(h), _TINY)
     if gate == "snr":
-        den = torch._foreach_mul(y, lam * alpha)
-        torch._foreach_add_(den, x)
+        den = torch._foreach_add(yk, x)
         torch._foreach_add_(den, tail)
-        torch._foreach_clamp_min_(den, _TINY)  # 0 only where x = 0 (alpha*softness = 0, tail below range): q = 0
+        torch._foreach_clamp_min_(den, _TINY)  # 0 only where x = 0 (tail below range): q = 0
         torch._foreach_div_(x, den)
         return x
     if gate == "soft":
-        d = torch._foreach_sub(x, torch._foreach_mul(y, alpha))
+        d = torch._foreach_sub(x, torch._foreach_mul(yk, alpha / k))
         torch._foreach_clamp_min_(d, 0.0)
-        torch._foreach_mul_(y, lam)
-        torch._foreach_add_(y, d)
-        torch._foreach_add_(y, tail)
-        torch._foreach_clamp_min_(y, _TINY)  # 0 only where d = 0: q = 0
-        torch._foreach_div_(d, y)
+        torch._foreach_mul_(yk, lam / k)
+        torch._foreach_add_(yk, d)
+        torch._foreach_add_(yk, tail)
+        torch._foreach_clamp_min_(yk, _TINY)  # 0 only where d = 0: q = 0
+        torch._foreach_div_(d, yk)
         return d
     if gate == "hard":
-        torch._foreach_mul_(y, alpha)
-        return [(a > b).to(a.dtype) for a, b in zip(x, y)]
+        return [(a > b).to(a.dtype) for a, b in zip(x, yk)]
     raise AssertionError(gate)
 
 
@@ -193,10 +202,14 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: Tensor | None,
 
     gated = h.gate != "none"
     if gated or track_stats:
-        # the gate, overflow-safe (ALGORITHM.md "Numerics"): a = |m|, b = bc1*sqrt(s-hat), c = max(a, b);
-        # x = (a/c)^2 = m-hat^2/c'^2, y = (b/c)^2 = s-hat/c'^2, tail = delta/c'^2 with c' = c/bc1
+        # the gate, overflow-safe (ALGORITHM.md "Numerics"): a = |m|, b = bc1*sqrt(s-hat) weighed by
+        # sqrt(k) (_weight), c = max(a, b); x = (a/c)^2 = m-hat^2/c'^2, yk = (b/c)^2 = k*s-hat/c'^2,
+        # tail = delta/c'^2 with c' = c/bc1
         a = torch._foreach_abs(m)
         b = [torch.where(f, ai, torch.sqrt(si) * k) for f, ai, si, k in zip(first, a, s, b_scale)]  # t=1: s-hat := m-hat^2
+        above = [ai > bi * alpha**0.5 for ai, bi in zip(a, b)]  # m-hat^2 > alpha*s-hat, unsquared
+        weight = _weight(h)
+        b = [bi * weight**0.5 if weight > 0 else torch.zeros_like(bi) for bi in b]  # not inf * 0
         c = torch._foreach_maximum(a, b)
         zero_c = [ci == 0 for ci in c]  # m = s = 0: q = 0
         inv = torch._foreach_reciprocal([torch.where(z, torch.ones_like(ci), ci) for z, ci in zip(zero_c, c)])
@@ -205,7 +218,6 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: Tensor | None,
         torch._foreach_mul_(x, x)
         y = [torch.where(bi >= ai, 1.0, bi * ii) for ai, bi, ii in zip(a, b, inv)]
         torch._foreach_mul_(y, y)
-        above = [xi > alpha * yi for xi, yi in zip(x, y)]
         del a, b, c
     if gated:
         tail = torch._foreach_mul(inv, inv)
