@@ -231,12 +231,12 @@ def test_gates_stay_finite_where_the_naive_form_overflows():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("gate", ["snr", "soft"])
-def test_a_zero_signal_under_large_noise_with_alpha_zero_closes_the_gate(backend, gate):
-    """m = 0 (beta1 = 0, a zero grad) under s ~ 1e34 with alpha = 0 and softness 0: every term of
-    the gate's denominator is 0 or below float32's range once scaled, so a naive 0/0 gives NaN.
-    The float64 reference's q is 0: the param only decays."""
-    hp = dict(lr=1e-2, betas=(0.0, 0.99), rho=0.99, eps=1e-8, weight_decay=0.1, gate=gate, alpha=0.0,
+@pytest.mark.parametrize("gate,alpha", [("snr", 0.0), ("soft", 0.0), ("soft", 1.0)])
+def test_a_zero_signal_under_large_noise_with_softness_zero_closes_the_gate(backend, gate, alpha):
+    """m = 0 (beta1 = 0, a zero grad) under s ~ 1e34 with softness 0 (and alpha 0 or 1): every
+    term of the gate's denominator is 0 or below float32's range once scaled, so a naive 0/0
+    gives NaN. The float64 reference's q is 0: the param only decays."""
+    hp = dict(lr=1e-2, betas=(0.0, 0.99), rho=0.99, eps=1e-8, weight_decay=0.1, gate=gate, alpha=alpha,
               softness=0.0, gate_eps=1e-16, warmup_steps=0, maximize=False)
     theta = torch.linspace(-1.0, 1.0, 8)
     p = torch.nn.Parameter(theta.clone().to(DEVICE))
