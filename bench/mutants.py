@@ -59,7 +59,7 @@ MUTANTS = [
            CPU_TESTS),
     Mutant("c: scale exponent unclamped", C, "e = e0 < 252 ? e0 : 252", "e = e0", CPU_TESTS),
     Mutant("c: gate's 0/0 floor dropped", C, "dd = dd0 > FLT_MIN ? dd0 : FLT_MIN", "dd = dd0", CPU_TESTS),
-    Mutant("c: m from m alone (lerp's second branch dropped)", C, "m = lerp_low ? m + omb1 * diff : g - diff * b1f;",
+    Mutant("c: m from m alone (lerp's second branch dropped)", C, "m = (lerp_low ? m : g) + lerp_w * diff;",
            "m = m + omb1 * diff;", CPU_TESTS + ("tests/test_properties.py",)),
     Mutant("c: sqrt(s)'s exponent from the raw bits (int overflow)", C, "((es + 127) >> 1) + b_scale_exp",
            "((float_bits(s) + (127 << 23)) >> 24) + b_scale_exp", CPU_TESTS + ("tests/test_properties.py",)),

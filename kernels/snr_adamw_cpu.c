@@ -82,8 +82,8 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
     const int32_t b_scale_exp = coef > 0 ? b_scale_exponent(bc1 / sqrt(bc3) * sqrt(coef)) : -(1 << 20); \
     const float tail_scale = (float)(h->gate_eps * bc1 * bc1);                                     \
     const float omb1 = (float)(1.0 - h->beta1);                                                    \
-    const float b1f = 1.0f - omb1; /* as torch: 1 - weight, in float */                           \
     const int lerp_low = omb1 < 0.5f;                                                              \
+    const float lerp_w = lerp_low ? omb1 : -(1.0f - omb1); /* as torch: 1 - weight, in float */  \
     const float b2 = (float)h->beta2, omb2 = (float)(1.0 - h->beta2);                             \
     const float rho = (float)h->rho, omrho = (float)(1.0 - h->rho);                               \
     const float eps = (float)h->eps, alpha = (float)h->alpha;                                      \
@@ -102,7 +102,7 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         const float s = rho * LOADS(s_buf[i]) + (omrho * diff) * diff; /* finite for finite g */   \
         /* torch's lerp(m, g, w = 1 - beta1), both branches: from g when w >= 0.5, so beta1 = 0   \
          * gives m = g exactly (m + w * (g - m) cancels to 0 where |m| >> |g|) */                \
-        m = lerp_low ? m + omb1 * diff : g - diff * b1f;                                           \
+        m = (lerp_low ? m : g) + lerp_w * diff; /* g - (1 - w) * diff: the same rounding */      \
         const float v = b2 * LOADS(v_buf[i]) + (omb2 * g) * g; /* as torch's addcmul */            \
         const float denom = sqrtf(v) * inv_bc2_sqrt + eps;                                         \
         /* the gate, overflow-safe (ALGORITHM.md "Numerics"): a = |m| and b = bc1 * sqrt(s-hat)  \
