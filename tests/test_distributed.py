@@ -91,20 +91,27 @@ def _ddp(rank, port, backend, out):
     _finish()
 
 
-def _fsdp(rank, port, backend, out, ckpt, phase):
-    """phase 'straight': STEPS steps, saving a checkpoint after half; 'resume': load it, finish."""
-    from torch.distributed.checkpoint import load, save
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+def _fsdp2_model():
+    """make_model() with each Linear and the whole model fully_shard-ed over the ranks (FSDP2)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _init(rank, port)
     mesh = init_device_mesh("cpu", (WORLD,))
     model = make_model()
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp(rank, port, backend, out, ckpt, phase):
+    """phase 'straight': STEPS steps, saving a checkpoint after half; 'resume': load it, finish."""
+    from torch.distributed.checkpoint import load, save
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    _init(rank, port)
+    model = _fsdp2_model()
     opt = SNRAdamW(model.parameters(), backend=backend, **HP)
     half = STEPS // 2
     start = 0
@@ -248,15 +255,8 @@ def test_dtensor_grads_with_other_placements_are_redistributed(placement, tmp_pa
 
 def _fsdp_clip(rank, port, backend, max_norm, out):
     """FSDP2 with the clipping in the step: the norm must be over both ranks' shards."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     _init(rank, port)
-    mesh = init_device_mesh("cpu", (WORLD,))
-    model = make_model()
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = _fsdp2_model()
     opt = SNRAdamW(model.parameters(), backend=backend, max_grad_norm=max_norm, **HP)
     norms = []
     for x, y in batches():
