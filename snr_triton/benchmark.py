@@ -114,7 +114,6 @@ class _Timer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._timers: dict[int, object] = {}
 
     def __call__(self, fn: Callable[[], None], steps: int) -> list[float]:
         if self.cuda:
@@ -125,10 +124,8 @@ class _Timer:
             return [ms / 1e3 for ms in do_bench(fn, warmup=1, rep=max(1, int(steps * estimate)), return_mode="all")]
         from torch.utils.benchmark import Timer
 
-        timer = self._timers.get(id(fn))
-        if timer is None:
-            timer = self._timers[id(fn)] = (fn, Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()))
-        return [timer[1].timeit(1).times[0] for _ in range(steps)]
+        timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return [timer.timeit(1).times[0] for _ in range(steps)]
 
 
 def sync_latency(fn: Callable[[], None], steps: int) -> list[float]:
