@@ -105,10 +105,11 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         m = (lerp_low ? m : g) + lerp_w * diff; /* g - (1 - w) * diff: the same rounding */      \
         const float v = b2 * LOADS(v_buf[i]) + (omb2 * g) * g; /* as torch's addcmul */            \
         const float denom = sqrtf(v) * inv_bc2_sqrt + eps;                                         \
-        /* the gate, overflow-safe (ALGORITHM.md "Numerics"): a = |m| and b = bc1 * sqrt(s-hat)  \
-         * are scaled by r, a power of two from their exponents (exact, no division): the larger \
-         * of a*r and b*r lies in [2^-1.5, 2), so x = (a*r)^2 and y = (b*r)^2 neither overflow nor \
-         * vanish. y = b_scale^2 * (s*r*r), the b_scale^2 folded into the coefficients of y. The  \
+        /* the gate, overflow-safe (ALGORITHM.md "Numerics"): a = |m| and b*sqrt(coef), b =      \
+         * bc1 * sqrt(s-hat), are scaled by r, a power of two from their exponents (exact, no     \
+         * division): the larger of the two scaled lies in [2^-1.5, 2), so x = (a*r)^2 and        \
+         * coef*y = coef*(b*r)^2 neither overflow nor vanish. y = b_scale^2 * (s*r*r), the        \
+         * b_scale^2 folded into the coefficients of y. The                                       \
          * gate is x/(x + lambda*alpha*y + tail) (snr; soft likewise), folded with m/denom into    \
          * one division: update = m * (x / ((x + ...) * denom)). */                               \
         const int32_t ea = (float_bits(m) >> 23) & 255; /* |m|'s exponent field */               \
