@@ -48,3 +48,18 @@ if os.environ.get("CI") and not (TRITON and (CPU_KERNEL or DEVICE == "cuda")):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def step_beside_reference(theta, grads, backend, hp):
+    """One param from `theta` stepped by SNRAdamW(backend, **hp) and by the float64 reference over
+    the same `grads`: (the param, its optimizer, the reference's float64 theta)."""
+    from snr_triton import SNRAdamW, reference
+
+    p = torch.nn.Parameter(theta.clone().to(DEVICE))
+    opt = SNRAdamW([p], backend=backend, **hp)
+    ref_theta, ref_state = theta.double(), reference.new_state(theta)
+    for g in grads:
+        p.grad = g.to(DEVICE)
+        opt.step()
+        reference.reference_step(ref_theta, g.double(), ref_state, **hp)
+    return p, opt, ref_theta

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import BACKENDS, DEVICE
+from conftest import BACKENDS, DEVICE, step_beside_reference
 from snr_triton import SNRAdamW, reference, tables
 
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
@@ -201,13 +201,7 @@ def test_large_finite_grads_keep_params_finite_and_match_the_reference(backend, 
     grads = [torch.randn(64, generator=gen).sign() * scale for scale in (3e19, 3e19, 1e19, 1.0)]
     hp = dict(lr=1e-2, betas=(0.9, 0.999), rho=0.99, eps=1e-8, weight_decay=0.1, gate=gate, alpha=1.0,
               softness=1.0, gate_eps=1e-16, warmup_steps=0, maximize=False)
-    p = torch.nn.Parameter(theta.clone().to(DEVICE))
-    opt = SNRAdamW([p], backend=backend, **hp)
-    ref_theta, ref_state = theta.double(), reference.new_state(theta)
-    for g in grads:
-        p.grad = g.to(DEVICE)
-        opt.step()
-        reference.reference_step(ref_theta, g, ref_state, **hp)
+    p, _, ref_theta = step_beside_reference(theta, grads, backend, hp)
     assert torch.isfinite(p).all()
     torch.testing.assert_close(p.detach().cpu().double(), ref_theta, rtol=1e-5, atol=1e-6)
 
@@ -239,13 +233,7 @@ def test_a_zero_signal_under_large_noise_with_softness_zero_closes_the_gate(back
     hp = dict(lr=1e-2, betas=(0.0, 0.99), rho=0.99, eps=1e-8, weight_decay=0.1, gate=gate, alpha=alpha,
               softness=0.0, gate_eps=1e-16, warmup_steps=0, maximize=False)
     theta = torch.linspace(-1.0, 1.0, 8)
-    p = torch.nn.Parameter(theta.clone().to(DEVICE))
-    opt = SNRAdamW([p], backend=backend, **hp)
-    ref_theta, ref_state = theta.double(), reference.new_state(theta)
-    for g in (torch.full((8,), 1e18), torch.zeros(8)):
-        p.grad = g.to(DEVICE)
-        opt.step()
-        reference.reference_step(ref_theta, g, ref_state, **hp)
+    p, _, ref_theta = step_beside_reference(theta, (torch.full((8,), 1e18), torch.zeros(8)), backend, hp)
     assert torch.isfinite(p).all()
     torch.testing.assert_close(p.detach().cpu().double(), ref_theta, rtol=1e-6, atol=1e-7)
 

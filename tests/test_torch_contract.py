@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import BACKENDS, DEVICE
+from conftest import BACKENDS, DEVICE, step_beside_reference
 from snr_triton import SNRAdamW
 
 GATES = ["snr", "soft", "hard", "none"]
@@ -190,19 +190,12 @@ def test_zero_grad_steps(backend, gate):
 def test_zero_grads_step_every_gate_as_the_reference(backend, gate):
     """Issue 24: zero grads are a real step (moments decay, weight decay applies) for every gate,
     not only for gate="none": two real steps, then two of zero grads, against the float64 reference."""
-    from snr_triton import reference
     from snr_triton.hyperparams import DEFAULTS
 
     gen = torch.Generator().manual_seed(4)
     init = torch.randn(20, generator=gen)
     grads = [torch.randn(20, generator=gen), torch.randn(20, generator=gen), torch.zeros(20), torch.zeros(20)]
     hp = dict(DEFAULTS, gate=gate, lr=1e-2, weight_decay=0.1, alpha=0.5)
-    p = torch.nn.Parameter(init.clone().to(DEVICE))
-    opt = SNRAdamW([p], backend=backend, **hp)
-    ref, st = init.double(), reference.new_state(init)
-    for g in grads:
-        p.grad = g.to(DEVICE)
-        opt.step()
-        reference.reference_step(ref, g.double(), st, **hp)
+    p, opt, ref = step_beside_reference(init, grads, backend, hp)
     torch.testing.assert_close(p.detach().cpu().double(), ref, rtol=1e-6, atol=1e-7)
     assert opt.state[p]["step"].item() == 4
