@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import BACKENDS, DEVICE, step_beside_reference
-from snr_triton import SNRAdamW, reference, tables
+from snr_triton import SNRAdamW, tables
 
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 KEYS = ("exp_avg", "exp_avg_sq")
