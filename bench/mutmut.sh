@@ -4,15 +4,16 @@
 # snr_triton/kernels points at its own kernels/ (the editable install maps it, a copy does not).
 # Needs the dev extra (pip install -e ".[dev]"). Not run in CI: about an hour per 500 mutants on
 # 2 cores. Prints the score per module; `mutmut show NAME` in the clone shows a mutant.
-# Usage: bash bench/mutmut.sh [scratch-dir]
+# Usage: bash bench/mutmut.sh [scratch-dir [mutant-name patterns, e.g. 'snr_triton.tables.*']]
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="${1:-$(mktemp -d)}/repo"
+shift || true
 rm -rf "$work"
 git clone -q "$repo" "$work"
 cp "$repo/pyproject.toml" "$work/"  # the configuration as it is here, committed or not
 ln -s ../kernels "$work/snr_triton/kernels"
 cd "$work"
-TRITON_INTERPRET=1 mutmut run || true
+TRITON_INTERPRET=1 mutmut run "$@" || true
 mutmut results --all true | python3 "$repo/bench/mutmut_score.py"
 echo "mutants are in $work (mutmut results / mutmut show NAME there)"

@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         help="AdamW and SNRAdamW side by side: a noisy-photo INR (default, ~1 min on 2 cores) or grokking",
         description="AdamW and SNRAdamW side by side, the paper's claim printed beside what is measured. "
                     "inr: an implicit neural representation fitted to a noisy photo, PSNR against the clean "
-                    "photo, reconstructions and the gate monitor in demo.png (where our runs reproduce the "
-                    "paper). grokking: a*b^-1 mod 97 with an MLP (where they do not; up to --time-budget).")
+                    "photo, reconstructions and the gate monitor in demo.png. grokking: a*b^-1 mod 97 with an "
+                    "MLP (up to --time-budget). Each prints what our studies measured, read from their result "
+                    "files (bench/paper/results).")
     demo.add_argument("task", nargs="?", default="inr", choices=["inr", "grokking"], help="which comparison")
     demo.add_argument("--steps", type=positive_int, help="steps (default: inr 3000, grokking 40000)")
     demo.add_argument("--lr", type=float, help="learning rate (default: inr 1e-3, grokking 3e-3)")

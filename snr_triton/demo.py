@@ -1,12 +1,14 @@
 """`snr-triton demo`: AdamW and SNRAdamW side by side, the paper's claim printed beside what is
-measured: the noisy-photo INR (snr_triton/inr.py, where our runs reproduce the paper) or
-grokking (snr_triton/grokking.py, where they do not)."""
+measured: in this run, and in our studies (snr_triton.claims reads their result files): the
+noisy-photo INR (snr_triton/inr.py) or grokking (snr_triton/grokking.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+from . import claims
 
 
 PAPER_CLAIMS = {
@@ -32,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name:9s} PSNR against the clean photo: peak {result['peak'][name]:.2f} dB, "
                   f"final {result['final'][name]:.2f} dB")
         gain = result["final"]["SNRAdamW"] - result["final"]["AdamW"]
-        print(f"  measured here: SNRAdamW ends {gain:+.2f} dB against AdamW (seed {args.seed}; 3 seeds in "
-              f"bench/RESULTS.md)")
+        print(f"  measured here: SNRAdamW ends {gain:+.2f} dB against AdamW (seed {args.seed})")
+        study = claims.inr()
+        if study:
+            print(f"  our study (bench/paper/inr.py --control): {study}")
         plot = _plot_inr
     else:
         from .grokking import train_side_by_side
@@ -55,11 +59,10 @@ def run(args: argparse.Namespace) -> int:
         if a and b:
             print(f"  measured here: SNRAdamW needs {b / a:.2f}x AdamW's steps to 95% (seed {args.seed}; "
                   f"3 seeds in bench/RESULTS.md)")
-        sweep = ("the standard grokking transformer, lrs 1e-3 / 3e-3 / 1e-2 x 3 seeds (bench/paper/grokking.py, "
-                 "bench/RESULTS.md): SNRAdamW is much faster only at lr 1e-3, where AdamW had not grokked in 40,000 steps; "
-                 "each at its best lr, AdamW needs 1,867 steps (1e-2) and SNRAdamW 4,333 (3e-3), 0.45x as fast; "
-                 "at 1e-2 SNRAdamW collapses")
-        print("  " + ("this is a small MLP, where AdamW groks fast; on " if args.model == "mlp" else "on ") + sweep)
+        study = claims.grokking("transformer")
+        if study:
+            print("  " + ("this is a small MLP, where AdamW groks fast; " if args.model == "mlp" else "")
+                  + f"our study with the standard grokking transformer (bench/paper/grokking.py): {study}")
         plot = _plot_demo
     (out / "demo.json").write_text(json.dumps({k: v for k, v in result.items() if k != "images"}, indent=1))
     plot(result, out / "demo.png")

@@ -87,7 +87,8 @@ def train_one(optimizer: str, *, model: str = "mlp", p: int = 97, train_fraction
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     else:
         alpha = finite_alpha(batch_size, len(xt)) if alpha is None else alpha
-        opt = SNRAdamW(net.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, gate=gate, alpha=alpha)
+        opt = SNRAdamW(net.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, gate=gate, alpha=alpha,
+                       track_stats=True)
     gen = torch.Generator().manual_seed(seed + 1)
     curve = Curve([], [], [], [])
     diverged = False
@@ -104,6 +105,8 @@ def train_one(optimizer: str, *, model: str = "mlp", p: int = 97, train_fraction
             curve.steps.append(step)
             curve.train_acc.append(accuracy(net, xt, yt))
             curve.test_acc.append(accuracy(net, xv, yv))
+            if isinstance(opt, SNRAdamW):
+                curve.gate.append(opt.stats()["mean_gate"])
             if curve.test_acc[-1] >= 0.95:
                 break
     return {"optimizer": optimizer, "model": model, "lr": lr, "gate": gate if optimizer != "AdamW" else None,
@@ -111,7 +114,9 @@ def train_one(optimizer: str, *, model: str = "mlp", p: int = 97, train_fraction
             "to_50": first_step_at(curve, 0.5), "to_95": first_step_at(curve, 0.95),
             "final_test_acc": curve.test_acc[-1] if curve.test_acc else None,
             "best_test_acc": max(curve.test_acc, default=None),
-            "final_train_acc": curve.train_acc[-1] if curve.train_acc else None}
+            "final_train_acc": curve.train_acc[-1] if curve.train_acc else None,
+            # the mean gate over the evaluations: the lr-matched control's AdamW runs at lr times this
+            "mean_gate": sum(curve.gate) / len(curve.gate) if curve.gate else None}
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 A Fourier-feature MLP maps (x, y) to intensity and is trained on the *noisy* image in
 minibatches; PSNR against the *clean* image rises while it learns the picture and falls once it
-starts memorizing the noise. The paper reports that the SNR gate memorizes less; this is where
-our own runs reproduced that (bench/RESULTS.md). Used by `snr-triton demo` and
-bench/paper/inr.py: the same data, init and batches for both optimizers.
+starts memorizing the noise. The paper reports that the SNR gate memorizes less; at the same lr
+our runs agree, and bench/paper/inr.py --control asks how much of that a smaller lr explains
+(bench/RESULTS.md). Used by `snr-triton demo` and bench/paper/inr.py: the same data, init and
+batches for every run.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ def train_side_by_side(clean: torch.Tensor, *, steps: int = 3000, lr: float = 1e
                        progress: bool = True) -> dict:
     """AdamW and SNRAdamW (alpha = b/(n-b): many epochs over n pixels) fitted to the same noisy
     pixels with the same init and batches. Returns PSNR curves and the final reconstructions."""
+    return fit(clean, {"AdamW": ("AdamW", lr), "SNRAdamW": ("SNRAdamW", lr)}, steps=steps, batch=batch, noise=noise,
+               seed=seed, eval_every=eval_every, gate=gate, progress=progress)
+
+
+def fit(clean: torch.Tensor, runs: dict[str, tuple[str, float]], *, steps: int = 3000, batch: int = 512,
+        noise: float = 0.1, seed: int = 0, eval_every: int = 100, gate: str = "snr", progress: bool = True) -> dict:
+    """Fit one FourierMLP per run ({label: ("AdamW" | "SNRAdamW", lr)}) to the same noisy pixels,
+    from the same init and on the same batches, so runs differ only in optimizer and lr (the
+    lr-matched control of bench/paper/inr.py needs AdamW at several lrs beside SNRAdamW)."""
     from tqdm import tqdm
 
     n = clean.numel()
@@ -67,12 +77,16 @@ def train_side_by_side(clean: torch.Tensor, *, steps: int = 3000, lr: float = 1e
     y, x = torch.meshgrid(torch.linspace(-1, 1, clean.shape[0]), torch.linspace(-1, 1, side), indexing="ij")
     xy = torch.stack([x.flatten(), y.flatten()], 1)
     models, opts = {}, {}
-    for name in ("AdamW", "SNRAdamW"):
+    for name, (kind, lr) in runs.items():
         torch.manual_seed(seed)
         models[name] = FourierMLP(seed=seed)
-    opts["AdamW"] = torch.optim.AdamW(models["AdamW"].parameters(), lr=lr, weight_decay=0.0)
-    opts["SNRAdamW"] = SNRAdamW(models["SNRAdamW"].parameters(), lr=lr, weight_decay=0.0, gate=gate,
-                                alpha=finite_alpha(batch, n), track_stats=True)
+        if kind == "AdamW":
+            opts[name] = torch.optim.AdamW(models[name].parameters(), lr=lr, weight_decay=0.0)
+        elif kind == "SNRAdamW":
+            opts[name] = SNRAdamW(models[name].parameters(), lr=lr, weight_decay=0.0, gate=gate,
+                                  alpha=finite_alpha(batch, n), track_stats=True)
+        else:
+            raise ValueError(f"runs: the optimizer must be 'AdamW' or 'SNRAdamW', got {kind!r} for {name!r}")
     curves = {name: {"steps": [], "psnr_clean": [], "psnr_noisy": [], "gate": []} for name in models}
     gen = torch.Generator().manual_seed(seed + 1)
     start = time.perf_counter()
@@ -93,15 +107,16 @@ def train_side_by_side(clean: torch.Tensor, *, steps: int = 3000, lr: float = 1e
                         c["steps"].append(step)
                         c["psnr_clean"].append(psnr(pred, flat))
                         c["psnr_noisy"].append(psnr(pred, noisy))
-                        if name == "SNRAdamW":
+                        if isinstance(opts[name], SNRAdamW):
                             st = opts[name].stats()
                             c["gate"].append((st["mean_gate"], st["frac_above"]))
                 bar.set_postfix({k: f"{curves[k]['psnr_clean'][-1]:.1f} dB" for k in models})
     with torch.no_grad():
         images = {name: model(xy).clamp(0, 1).reshape(clean.shape).tolist() for name, model in models.items()}
     return {
-        "config": dict(steps=steps, lr=lr, batch=batch, noise=noise, seed=seed, gate=gate, alpha=finite_alpha(batch, n),
-                       pixels=n, model="FourierMLP(features=64, hidden=256, scale=6)"),
+        "config": dict(steps=steps, runs={k: list(v) for k, v in runs.items()}, lr=next(iter(runs.values()))[1],
+                       batch=batch, noise=noise, seed=seed, gate=gate, alpha=finite_alpha(batch, n), pixels=n,
+                       model="FourierMLP(features=64, hidden=256, scale=6)"),
         "seconds": time.perf_counter() - start,
         "noisy_psnr": psnr(noisy, flat),
         "curves": curves,

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from snr_triton import claims
 from snr_triton.cli import main
 from snr_triton.grokking import division_dataset, modular_inverse
 
@@ -48,6 +49,7 @@ def test_demo_inr_quick(tmp_path, capsys):
     assert all(c["psnr_clean"][-1] > 15 for c in curves.values())
     out = capsys.readouterr().out
     assert "paper: SNR gating memorizes less" in out and "measured here" in out
+    assert claims.inr() in out  # the study's verdict, read from bench/paper/results/inr_control.json
 
 
 def test_demo_grokking_quick(tmp_path, capsys):
@@ -61,6 +63,7 @@ def test_demo_grokking_quick(tmp_path, capsys):
     assert len(gate) == 6 and all(0 <= q <= 1 and 0 <= f <= 1 for q, f in gate)
     out = capsys.readouterr().out
     assert "steps to 50% held-out" in out and "paper: about 5x faster grokking" in out
+    assert claims.grokking() in out  # read from bench/paper/results/grokking_transformer.json
 
 
 def test_demo_grokking_transformer(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""The wheel ships the Triton source as snr_triton.kernels, never as a top-level `kernels`."""
+"""The wheel ships the Triton source as snr_triton.kernels, never as a top-level `kernels`, and
+the studies' results as snr_triton.results (what the demo's claims are read from)."""
 
 import importlib.metadata
 import subprocess
@@ -22,6 +23,13 @@ def test_kernels_ship_inside_the_package():
     files = installed_files()
     assert "snr_triton/kernels/snr_adamw.py" in files
     assert not any(f.startswith("kernels/") for f in files)
+
+
+def test_study_results_ship_inside_the_package():
+    files = installed_files()
+    assert {"snr_triton/results/grokking_transformer.json", "snr_triton/results/inr_control.json",
+            "snr_triton/results/dpo.json"} <= set(files)
+    assert not any(f.startswith(("bench/", "results/")) for f in files)
 
 
 def test_console_script():

@@ -14,6 +14,8 @@ the step cap); runs that diverged (non-finite loss).
 
 Run: python bench/paper/grokking.py --model transformer --lrs 1e-3 3e-3 1e-2 --seeds 0 1 2 \\
          --jobs 2 --steps 40000 --json bench/paper/results/grokking_transformer.json
+The lr-matched control (is SNRAdamW's speed at lr 1e-3 more than a smaller step?): add
+     --lr-matched 1e-3 --seeds 0 1 (SNRAdamW's mean gate recorded, AdamW at lr x that gate).
 The JSON file is written after every run and read at the start: runs already in it are not run
 again, so a sweep can be stopped and resumed, and the tables cover every run in the file
 (`--jobs 0` only prints them). A run is deterministic per seed, so one with a larger step cap
@@ -41,7 +43,16 @@ def one(job):
 def key(r):
     """What makes two runs the same run (the default alpha is stored as its value)."""
     alpha = None if r["optimizer"] == "AdamW" else r["alpha"] == 1.0
-    return r["optimizer"], r["gate"], alpha, r["lr"], r["seed"], r["model"]
+    return r["optimizer"], r["gate"], alpha, r["lr"], r["seed"], r["model"], r.get("control")
+
+
+def lr_matched(job):
+    """The lr-matched control for one seed: SNRAdamW at `lr` (its mean gate recorded), then AdamW
+    at lr times that gate, which takes steps of about SNRAdamW's size."""
+    lr, seed, model, steps = job
+    snr = one(("SNRAdamW", {"gate": "snr"}, lr, seed, model, steps))
+    adam = one(("AdamW", {}, lr * snr["mean_gate"], seed, model, steps))
+    return [snr, {**adam, "control": "lr-matched", "matched_to": lr}]
 
 
 def job_key(job):
@@ -66,6 +77,8 @@ def at_cap(results: list, cap: int) -> list:
 
 
 def label(r):
+    if r.get("control"):
+        return f"AdamW, {r['control']} to SNRAdamW at {r['matched_to']:g}"
     if r["optimizer"] == "AdamW":
         return "AdamW"
     alpha = "1" if r["alpha"] == 1.0 else "b/(n-b)"
@@ -92,6 +105,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40000, help="step cap per run")
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs; 0: only print the tables")
     parser.add_argument("--json")
+    parser.add_argument("--lr-matched", type=float, metavar="LR",
+                        help="instead of the sweep: per seed SNRAdamW at LR and AdamW at LR x its mean gate")
     args = parser.parse_args()
     settings = [("AdamW", {})] + [("SNRAdamW", {"gate": c.split("-")[0], **({"alpha": 1.0} if "alpha1" in c else {})})
                                   for c in args.configs]
@@ -99,6 +114,8 @@ def main() -> None:
     if args.json and os.path.exists(args.json):
         with open(args.json) as f:
             results = json.load(f)
+    if args.lr_matched:
+        return control(args, results)
     done = {key(r) for r in at_cap(results, args.steps)}
     # in the order given: settings first, so the first settings' sweep is complete first
     jobs = [(o, s, lr, seed, args.model, args.steps)
@@ -117,6 +134,24 @@ def main() -> None:
                     os.replace(args.json + ".tmp", args.json)
     results = [r for r in at_cap(results, args.steps) if r["model"] == args.model]
     report(results, args.model, args.steps)
+
+
+def control(args, results: list) -> None:
+    """Run the lr-matched control's missing seeds (an SNRAdamW run without a recorded gate is run
+    again: runs are deterministic per seed, so it replaces the old record) and print it."""
+    done = {r["seed"] for r in results if r.get("control") == "lr-matched" and r["matched_to"] == args.lr_matched
+            and r["model"] == args.model and r["cap"] == args.steps}
+    jobs = [(args.lr_matched, seed, args.model, args.steps) for seed in args.seeds if seed not in done]
+    print(f"{len(jobs)} seeds of the lr-matched control to run", flush=True)
+    with Pool(max(1, args.jobs)) as pool:
+        for snr, adam in pool.imap_unordered(lr_matched, jobs):
+            # the new SNRAdamW record (with its gate) stands for an old one of the same run and cap
+            results = [r for r in results if key(r) != key(snr) or r["cap"] > snr["cap"]] + [snr, adam]
+            print(f"seed {snr['seed']}: SNRAdamW lr {snr['lr']:g} (mean gate {snr['mean_gate']:.3f}) to 95% "
+                  f"{snr['to_95']}; AdamW lr {adam['lr']:.3g} to 95% {adam['to_95']}", flush=True)
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
 
 
 def ratio(adam, this, cap) -> str:
