@@ -67,14 +67,18 @@ def grokking(model: str = "transformer") -> str | None:
     per_lr = "; ".join(f"{lr:g}: {cell('AdamW', lr)} / {cell('SNRAdamW', lr)}" for lr in lrs)
     verdict = "faster" if statistics.fmean(ratios) > 1 else "slower"
     matched = ""
-    if controls:
-        snr_at = {r["seed"]: r for r in runs if r["optimizer"] == "SNRAdamW" and r["lr"] == controls[0]["matched_to"]}
+    pairs = {}
+    for r in controls:
+        pairs.setdefault(r["seed"], {})[r["optimizer"]] = r
+    pairs = {k: v for k, v in sorted(pairs.items()) if len(v) == 2}
+    if pairs:
         steps_of = lambda r: f"{r['to_95']:,}" if r["to_95"] else f"not in {r['cap']:,}"  # noqa: E731
-        matched = (f". The lr-matched control (AdamW at lr {controls[0]['matched_to']:g} x SNRAdamW's mean gate, "
-                   "steps of SNRAdamW's size), per seed, AdamW / SNRAdamW steps to 95%: " + "; ".join(
-                       f"seed {r['seed']}, lr {r['lr']:.2g}: {steps_of(r)} / "
-                       f"{steps_of(snr_at[r['seed']]) if r['seed'] in snr_at else '-'}"
-                       for r in sorted(controls, key=lambda r: r["seed"])))
+        lr = controls[0]["matched_to"]
+        matched = (f". The lr-matched control at lr {lr:g} (SNRAdamW run again with its gate measured, and "
+                   "AdamW at that lr x the gate, steps of SNRAdamW's size), per seed, SNRAdamW / AdamW steps to "
+                   "95%: " + "; ".join(f"seed {k}, gate {v['SNRAdamW']['mean_gate']:.2f}: "
+                                       f"{steps_of(v['SNRAdamW'])} / {steps_of(v['AdamW'])}"
+                                       for k, v in pairs.items()))
     return (f"each at its best of lrs {' / '.join(f'{lr:g}' for lr in lrs)} ({seeds} seeds, cap {cap:,} steps), "
             f"AdamW needs {spread(steps(a))} steps to 95% held out (lr {best['AdamW']:g}) and SNRAdamW "
             f"{spread(steps(s))} (lr {best['SNRAdamW']:g}): SNRAdamW is {verdict}, "

@@ -23,13 +23,17 @@ def test_grokking_summary_from_a_hand_made_file(monkeypatch):
     runs += [grok("SNRAdamW", 0.01, s, None) for s in range(3)]
     runs += [grok("SNRAdamW", 0.01, 0, 10, alpha=1.0)]  # another SNRAdamW setting: not this claim
     runs += [grok("AdamW", 0.03, s, None, cap=5000) for s in range(3)]  # a smaller cap, not stopped: left out
+    control = {"control": "lr-matched", "matched_to": 0.001}
+    runs += [{**grok("SNRAdamW", 0.001, 0, 5000), **control, "mean_gate": 0.1},  # the control: not the sweep's
+             {**grok("AdamW", 0.0001, 0, None), **control}]
     use(monkeypatch, {"grokking_transformer.json": runs})
     text = claims.grokking()
     assert "lrs 0.001 / 0.01 (3 seeds, cap 10,000 steps)" in text
     assert "AdamW needs 2,000 ± 1,000 steps to 95% held out (lr 0.01)" in text
     assert "SNRAdamW 4,000 ± 0 (lr 0.001)" in text
     assert "SNRAdamW is slower, 0.50 ± 0.25x AdamW's speed per seed" in text  # 1000/4000, 2000/4000, 3000/4000
-    assert "0.001: none of 3 in 10,000 / 4,000 ± 0; 0.01: 2,000 ± 1,000 / none of 3 in 10,000" in text
+    assert "0.001: none of 3 in 10,000 / 4,000 ± 0; 0.01: 2,000 ± 1,000 / none of 3 in 10,000." in text
+    assert text.endswith("per seed, SNRAdamW / AdamW steps to 95%: seed 0, gate 0.10: 5,000 / not in 10,000")
 
 
 def inr_run(run, optimizer, lr, seed, final, peak, gate=None):
