@@ -1,7 +1,7 @@
 """Paper claim: SNR gating improves DPO under noisy preferences and stays closer to the reference.
 
 Litman & Guo fine-tune Qwen2.5-0.5B with DPO on preferences with flipped labels. Here, at a
-scale a CPU can sweep, with nothing downloaded: a small LlamaForCausalLM (0.8M params, a
+scale a CPU can sweep, with nothing downloaded: a small LlamaForCausalLM (0.66M params, a
 character tokenizer built in code) learns a+b= for a, b < 30, where a program knows the right
 answer. It is first fine-tuned (SFT) on answers that are right 40% of the time and one too high
 60% of the time, so its greedy answers start wrong; DPO (TRL's DPOTrainer, as a user would run
@@ -269,7 +269,7 @@ def summarize(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.4])
     parser.add_argument("--steps", type=int, default=150, help="DPO steps per run")
