@@ -4,7 +4,9 @@
 # snr_triton/kernels points at its own kernels/ (the editable install maps it, a copy does not).
 # Needs the dev extra (pip install -e ".[dev]"). Not run in CI: about an hour per 500 mutants on
 # 2 cores. Prints the score per module; `mutmut show NAME` in the clone shows a mutant.
-# Usage: bash bench/mutmut.sh [scratch-dir [mutant-name patterns, e.g. 'snr_triton.tables.*']]
+# Usage: bash bench/mutmut.sh [scratch-dir [modules, e.g. snr_triton/tables.py]]: the modules given
+# replace only_mutate (mutmut's forced-fail check stops the run when a mutated function runs
+# while the tests are collected, e.g. at import: mutate such modules a few at a time)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="${1:-$(mktemp -d)}/repo"
@@ -12,8 +14,17 @@ shift || true
 rm -rf "$work"
 git clone -q "$repo" "$work"
 cp "$repo/pyproject.toml" "$work/"  # the configuration as it is here, committed or not
+if [ $# -gt 0 ]; then
+    python3 - "$work/pyproject.toml" "$@" <<'PY'
+import re, sys
+path, modules = sys.argv[1], sys.argv[2:]
+text = open(path).read()
+text = re.sub(r"only_mutate = \[[^\]]*\]", "only_mutate = " + repr(modules).replace("'", '"'), text)
+open(path, "w").write(text)
+PY
+fi
 ln -s ../kernels "$work/snr_triton/kernels"
 cd "$work"
-TRITON_INTERPRET=1 mutmut run "$@" || true
+TRITON_INTERPRET=1 mutmut run || true
 mutmut results --all true | python3 "$repo/bench/mutmut_score.py"
 echo "mutants are in $work (mutmut results / mutmut show NAME there)"
