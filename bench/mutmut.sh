@@ -25,6 +25,8 @@ PY
 fi
 ln -s ../kernels "$work/snr_triton/kernels"
 cd "$work"
-TRITON_INTERPRET=1 mutmut run || true
+# one intra-op thread: mutmut forks a child per mutant from a process that has run torch, and a
+# child forked after torch's thread pool started blocks in its first parallel op, using no CPU
+OMP_NUM_THREADS=1 TRITON_INTERPRET=1 mutmut run || true
 mutmut results --all true | python3 "$repo/bench/mutmut_score.py"
 echo "mutants are in $work (mutmut results / mutmut show NAME there)"

@@ -1,4 +1,5 @@
-"""Score per module from `mutmut results --all true` (read on stdin): killed, timed out, survived.
+"""Score per module from `mutmut results --all true` (read on stdin): killed, timed out,
+crashed (segfault: the mutant brought the test process down, which the tests notice), survived.
 
     mutmut results --all true | python bench/mutmut_score.py
 """
@@ -16,9 +17,10 @@ def main() -> None:
             counts[re.split(r"\.x[_\u01c1]", name, maxsplit=1)[0]][status] += 1  # module.x_f, module.xǁClassǁf
     for module, c in sorted(counts.items()):
         run = sum(v for k, v in c.items() if k != "not checked")
-        caught = c["killed"] + c["timeout"]
+        caught = c["killed"] + c["timeout"] + c["segfault"]
         score = f"{100 * caught / run:.1f}%" if run else "-"
-        print(f"{module}: {c['killed']} killed, {c['timeout']} timed out, {c['survived']} survived, "
+        print(f"{module}: {c['killed']} killed, {c['timeout']} timed out, {c['segfault']} crashed, "
+              f"{c['survived']} survived, "
               f"{c['not checked']} not run, of {sum(c.values())}: {score} caught")
 
 

@@ -41,6 +41,59 @@ def test_states_are_the_params_own_and_aligned_for_the_fast_path():
             assert t.data_ptr() % 16 == 0 or p.numel() == 0
 
 
+def test_the_aligned_column_marks_rows_whose_param_grad_and_states_all_start_on_16_bytes():
+    """The kernels take their unmasked 128-bit path only for rows marked aligned: every aligned
+    row is marked, and a row is unmarked when its param, its grad, a state handed in by the
+    compiler or one of its own states starts off 16 bytes (4 bytes off here, so a test of
+    `& 16` instead of `& 15` is seen; numels of 17 so a test that reads numel is seen)."""
+    from snr_triton.param_states import BucketStates
+    from snr_triton.tables import ALIGNED, block_map
+
+    def off(n):  # a float32 tensor starting 4 bytes past a 64-byte-aligned allocation
+        return torch.zeros(n + 1)[1:]
+
+    params = [torch.zeros(17) for _ in range(4)]
+    bucket = BucketStates({}, torch.device("cpu"), torch.float32, torch.float32)
+    slots = [bucket.new_slot(p, i) for i, p in enumerate(params)]
+    grads = [torch.zeros(17) for _ in params]
+    table = block_map(bucket, list(range(4)), 8)
+    assert table.states_aligned and bool(table.static_aligned.all())
+
+    def marks(ps, gs, states=None):
+        table.refresh([a for p, g in zip(ps, gs) for a in (p.data_ptr(), g.data_ptr())], states)
+        return table.rows[:, ALIGNED].tolist()
+
+    assert marks(params, grads) == [1, 1, 1, 1]
+    assert marks([params[0], off(17), *params[2:]], grads) == [1, 0, 1, 1]
+    assert marks(params, [*grads[:3], off(17)]) == [1, 1, 1, 0]
+    handed = [t.data_ptr() for slot in slots for t in slot.real]
+    handed[3 * 2 + 2] += 4  # row 2's exp_grad_var, handed in by the compiler
+    assert marks(params, grads, handed) == [1, 1, 0, 1]
+    assert marks(params, grads) == [1, 1, 1, 1]  # back on the slots' own states
+
+    # one of a row's own states off 16 bytes (not something our allocations do): that row only
+    slots[1].real = (*slots[1].real[:2], off(17))
+    bucket.maps.clear()
+    table = block_map(bucket, list(range(4)), 8)
+    assert not table.states_aligned and table.static_aligned.tolist() == [True, False, True, True]
+    assert marks(params, grads) == [1, 0, 1, 1]
+
+
+def test_the_stats_buffer_is_made_once_per_dtype():
+    """Made on first use and reused every step (no allocation in a step), remade for another dtype."""
+    from snr_triton.param_states import BucketStates
+    from snr_triton.tables import block_map
+
+    bucket = BucketStates({}, torch.device("cpu"), torch.float32, torch.float32)
+    bucket.new_slot(torch.zeros(40), 0)
+    table = block_map(bucket, [0], 16)
+    first = table.partial_sums(torch.float32)
+    assert first.shape == (3, len(contract.STATS)) and not first.any()
+    assert table.partial_sums(torch.float32) is first
+    other = table.partial_sums(torch.float64)
+    assert other.dtype == torch.float64 and other.shape == first.shape
+
+
 def test_gate_names_are_the_contract():
     assert set(GATES) == set(contract.GATE_IDS)
 
