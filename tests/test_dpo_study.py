@@ -70,14 +70,14 @@ def test_metrics_of_a_policy_against_itself_and_against_a_shifted_policy():
     assert dpo.kl_per_token(model, other, tok, rows) == pytest.approx(float(expected), rel=1e-9)
 
 
-def test_our_tokens_are_trls_tokens():
+def test_our_tokens_are_trls_tokens(tmp_path):
     """The metrics score exactly the sequences DPOTrainer trains on."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     tok = dpo.tokenizer()
     data = [{"prompt": "12+7=", "chosen": "19", "rejected": "20"}, {"prompt": "3+4=", "chosen": "7", "rejected": "8"}]
-    args = DPOConfig(output_dir="/tmp/unused", report_to="none", use_cpu=True, max_steps=1, max_length=16)
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, max_length=16)
     trainer = DPOTrainer(model=dpo.new_model(0), ref_model=dpo.new_model(0), args=args,
                          train_dataset=Dataset.from_list(data), processing_class=tok)
     for row, d in zip(trainer.train_dataset, data):
