@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from snr_triton.claims import dpo_best
+from snr_triton.claims import dpo_best, spread
 
 RANGE = 30  # a, b in [0, RANGE)
 HELD_OUT = 200  # prompts DPO never sees
@@ -245,9 +244,7 @@ def summarize(records: list[dict]) -> str:
     """Markdown: mean ± sd per (noise, optimizer, lr), then each optimizer at its best lr per noise."""
     def ms(xs):
         xs = [x for x in xs if x is not None]
-        if not xs:
-            return "-"
-        return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+        return spread(xs, 3) if xs else "-"
 
     cells: dict[tuple, list[dict]] = {}
     for r in records:
