@@ -28,6 +28,13 @@ def spread(values: list[float], digits: int = 0, sep: str = ",") -> str:
     return text + (" ± " + fmt.format(statistics.stdev(values)) if len(values) > 1 else "")
 
 
+def best_of(cells: dict, seeds: int, score):
+    """The key of the cell (its runs) with the highest score, among the cells that hold all `seeds`
+    runs, so one lucky seed cannot win; a tie goes to the first key."""
+    full = [k for k, c in cells.items() if len(c) == seeds]
+    return max(full, key=lambda k: score(cells[k])) if full else None
+
+
 def grokking(model: str = "transformer") -> str | None:
     """Steps to 95% held out for AdamW and SNRAdamW (gate snr, alpha b/(n-b)), each at its best lr
     and per lr, over every lr that was run on every seed to the largest step cap."""
@@ -46,11 +53,11 @@ def grokking(model: str = "transformer") -> str | None:
     cells = {k: c for k, c in cells.items() if len(c) == seeds}
     steps = lambda c: [r["to_95"] or cap for r in c.values()]  # noqa: E731  (a miss counts at the cap)
     best = {}
-    for (opt, lr), c in cells.items():
-        if opt not in best or statistics.fmean(steps(c)) < statistics.fmean(steps(cells[(opt, best[opt])])):
-            best[opt] = lr
-    if set(best) != {"AdamW", "SNRAdamW"}:
-        return None
+    for opt in ("AdamW", "SNRAdamW"):
+        k = best_of({k: c for k, c in cells.items() if k[0] == opt}, seeds, lambda c: -statistics.fmean(steps(c)))
+        if k is None:
+            return None
+        best[opt] = k[1]
     a, s = cells[("AdamW", best["AdamW"])], cells[("SNRAdamW", best["SNRAdamW"])]
     ratios = [(a[k]["to_95"] or cap) / (s[k]["to_95"] or cap) for k in sorted(set(a) & set(s))]
     lrs = sorted({lr for _, lr in cells})
@@ -103,9 +110,9 @@ def inr() -> str | None:
 
     seeds = max(len(rs) for rs in by.values())
 
-    def best(optimizer, key):  # among the lrs run on every seed, so one lucky seed cannot win
-        cells = {k: rs for k, rs in by.items() if rs[0]["optimizer"] == optimizer and len(rs) == seeds}
-        return cells[max(cells, key=lambda k: statistics.fmean(key(cells[k])))]
+    def best(optimizer, key):
+        cells = {k: rs for k, rs in by.items() if rs[0]["optimizer"] == optimizer}
+        return cells[best_of(cells, seeds, lambda rs: statistics.fmean(key(rs)))]
 
     def versus(key):
         """Each optimizer's best lr by `key`: both, and SNRAdamW minus AdamW per seed."""
@@ -134,11 +141,11 @@ def dpo_best(runs: list[dict]) -> dict[tuple[float, str], tuple[float, list[dict
         cells.setdefault((r["noise"], r["optimizer"], r["lr"]), []).append(r)
     seeds = max(len(rs) for rs in cells.values())
     best: dict[tuple[float, str], tuple[float, list[dict]]] = {}
-    for (noise, opt, lr), rs in sorted(cells.items()):
-        score = statistics.fmean(r["greedy_accuracy"] for r in rs)
-        if len(rs) == seeds and ((noise, opt) not in best
-                                 or score > statistics.fmean(r["greedy_accuracy"] for r in best[(noise, opt)][1])):
-            best[(noise, opt)] = (lr, rs)
+    for noise, opt in sorted({k[:2] for k in cells}):
+        mine = {k: cells[k] for k in sorted(cells) if k[:2] == (noise, opt)}
+        k = best_of(mine, seeds, lambda rs: statistics.fmean(r["greedy_accuracy"] for r in rs))
+        if k is not None:
+            best[(noise, opt)] = (k[2], cells[k])
     return best
 
 
