@@ -8,9 +8,9 @@ both optimizers; SNRAdamW with alpha = b/(n-b).
 The lr-matched control (`--control`) asks whether the gate does more than a smaller learning
 rate: SNRAdamW's mean gate (over the run) is well below 1, so it also takes smaller steps. Per
 seed it fits, on the same batches, SNRAdamW and AdamW at --lr and at a sweep of smaller lrs (the
-same tuning budget for both), and AdamW at --lr times SNRAdamW's measured mean gate; final and peak PSNR (the early-stopping
-baseline: what a user who stops at AdamW's best step gets) go to --json, one record per run,
-which `snr-triton demo` reads for its verdict.
+same tuning budget for both), and AdamW at --lr times SNRAdamW's measured mean gate; final and
+peak PSNR (the early-stopping baseline: what a user who stops at AdamW's best step gets) go to
+--json, one record per run, which `snr-triton demo` reads for its verdict.
 
 Run: python bench/paper/inr.py [--image photo|synthetic] [--steps 3000] [--seeds 0 1 2]
      python bench/paper/inr.py --control --json bench/paper/results/inr_control.json
