@@ -27,7 +27,8 @@ STATS = ("sum_q", "count_above", "sum_signal", "sum_noise")
 # Param (real) dtypes each fused kernel serves; the eager path serves every floating dtype.
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_DTYPES = (torch.float32, torch.bfloat16)
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)  # uint8: 8-bit states (snr_triton/codebook.py)
+FUSED_STATE_DTYPES = (torch.float32, torch.bfloat16)  # what the fused kernels store (8-bit: eager so far)
 
 
 def c_defines() -> dict[str, int]:

@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backend
+from . import backend, codebook
 from .contract import STATS
 from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, validate_group, validate_runtime
-from .param_states import (STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real, is_dtensor,
-                           local, real_dtype, rng_seed)
+from .param_states import (CODES, SCALES, STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real,
+                           is_dense, is_dtensor, like_param, local, real_dtype, rng_seed)
 
 # Keys of torch.optim.AdamW groups that have no meaning here.
 ADAMW_ONLY_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
@@ -146,6 +146,7 @@ class SNRAdamW(Optimizer):
                                  f"param {seen[id(p)]} of that group: each param may appear once (it would be "
                                  "stepped twice)")
             seen[id(p)] = i
+            _check_8bit_placement(p, hyper, f" (param {i} of param group {len(self.param_groups)})")
             self._choose(merged["backend"], p.device, real_dtype(p), hyper, where)
         super().add_param_group({**param_group, "params": params})
         self.param_groups[-1].pop("max_grad_norm", None)
@@ -428,6 +429,7 @@ class SNRAdamW(Optimizer):
                              "once (it would be stepped twice)")
         real = as_real(p)
         group = self.param_groups[gi]
+        _check_8bit_placement(p, hyper, where)
         self._choose(group["backend"], real.device, real_dtype(p), hyper, f" (param group {gi})")
         entry = self.state.get(p)
         slot = self._slots.get(p)  # by param: the list by position may be stale
@@ -495,6 +497,18 @@ class SNRAdamW(Optimizer):
             raise RuntimeError("last_grad_norm(): no step has run yet")
         return self._last["grad_norm"]
 
+    def decoded_state(self, param: Tensor) -> dict[str, Tensor]:
+        """`param`'s step and m, v, s as float tensors shaped like it: with 8-bit states the decoded
+        values of its codes (a copy: writing to it changes nothing), else the states themselves."""
+        slot = self._slots.get(param)
+        if slot is None or slot.edited or self.state.get(param) is not slot.entry:
+            raise KeyError("decoded_state(): this param has no states of this optimizer (no step taken since "
+                           "it was added, or its state was edited: the next step adopts it)")
+        out = {"step": slot.step}
+        for i, key in enumerate(STATE_KEYS):
+            out[key] = like_param(slot.value(i), param)
+        return out
+
     # ----------------------------------------------------------------- monitor
     def stats(self, per_param: bool = False) -> dict[str, Any]:
         """Gate statistics of the last step over all stepped elements (needs track_stats=True).
@@ -534,6 +548,12 @@ class SNRAdamW(Optimizer):
         if per_param:
             out["params"] = {name: _stats_dict(row) for name, row in names.items()}
         return out
+
+
+def _check_8bit_placement(p: Tensor, hyper: Hyper, where: str) -> None:
+    if hyper.state_dtype == torch.uint8 and is_dtensor(p):
+        raise ValueError(f"state_dtype=torch.uint8 (8-bit states) is not supported for DTensor params (FSDP2, "
+                         f"tensor parallel) yet{where}; use torch.float32 or torch.bfloat16 states there")
 
 
 def _check_max_grad_norm(value: Any) -> None:
@@ -635,11 +655,15 @@ def _check_state(p: Tensor, st: Any, name: str, hint: str) -> None:
         raise ValueError(f"the state of {name} must be a dict, got {type(st).__name__}")
     if not st:
         return
-    missing = {"step", "exp_avg", "exp_avg_sq"} - set(st)
+    missing = {"step", "exp_avg", "exp_avg_sq"} - {k.removesuffix(CODES) for k in st}
     if missing:
         raise ValueError(f"the state of {name} lacks {', '.join(sorted(missing))} "
-                         f"(needs step, exp_avg, exp_avg_sq; exp_grad_var optional)")
+                         f"(needs step, exp_avg, exp_avg_sq; exp_grad_var optional; 8-bit states as "
+                         f"<key>{CODES} and <key>{SCALES})")
     for key in STATE_KEYS:
+        if key + CODES in st or key + SCALES in st:
+            _check_codes(p, st, key, name)
+            continue
         if key not in st:
             continue
         value = st[key]
@@ -651,6 +675,24 @@ def _check_state(p: Tensor, st: Any, name: str, hint: str) -> None:
     step = st["step"]
     if isinstance(step, Tensor) and step.numel() != 1:
         raise ValueError(f"state 'step' of {name} must hold one number, got shape {tuple(step.shape)}")
+
+
+def _check_codes(p: Tensor, st: dict, key: str, name: str) -> None:
+    """An 8-bit state: uint8 codes laid out densely like the param, one float32 scale per block."""
+    codes, scales = st.get(key + CODES), st.get(key + SCALES)
+    for k, t in ((key + CODES, codes), (key + SCALES, scales)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"state {k!r} of {name} must be a tensor (8-bit states come as {key}{CODES} and "
+                             f"{key}{SCALES}), got {type(t).__name__}")
+    real = as_real(p)
+    codes = as_real(codes)
+    if codes.dtype != torch.uint8 or codes.shape != real.shape or not is_dense(codes):
+        raise ValueError(f"state {key + CODES!r} of {name} must be a dense uint8 tensor of its param's shape "
+                         f"{tuple(real.shape)}, got {codes.dtype} {tuple(codes.shape)}")
+    n = codebook.blocks(real.numel())
+    if scales.dtype != torch.float32 or scales.shape != (n,):
+        raise ValueError(f"state {key + SCALES!r} of {name} must be float32 of shape ({n},) (one scale per "
+                         f"{codebook.BLOCK} elements), got {scales.dtype} {tuple(scales.shape)}")
 
 
 def _stats_dict(sums: Tensor | None) -> dict[str, float]:

@@ -20,10 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import codebook
 from .contract import STATS
 from .reference import exp_grad_var_from_adam
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_grad_var")
+SIGNED = (True, False, False)  # which 8-bit code table each state uses (m signed; v, s unsigned)
+# 8-bit states (state_dtype=torch.uint8) show under these keys: what is stored, not a decoded copy
+CODES, SCALES = "_codes", "_scales"
+CODED_KEYS = tuple(k + suffix for k in STATE_KEYS for suffix in (CODES, SCALES))
 
 _dtensor: list = []  # [DTensor or None], filled on first use: importing it costs ~0.1 s
 
@@ -64,8 +69,8 @@ def real_dtype(t: Tensor) -> torch.dtype:
 def like_param(real: Tensor, p: Tensor) -> Tensor:
     """A state shown as the user sees its param: complex again, and a DTensor again with the
     param's mesh and placements (so distributed checkpointing shards states like params).
-    bfloat16 states of a complex param stay real: torch has no bfloat16 complex dtype."""
-    if p.is_complex() and real.dtype != torch.bfloat16:
+    bfloat16 states and 8-bit codes of a complex param stay real: torch has no such complex dtype."""
+    if p.is_complex() and real.dtype in (torch.float32, torch.float64):
         real = torch.view_as_complex(real)
     if is_dtensor(p):
         real = _dtensor_class().from_local(real, p.device_mesh, p.placements, run_check=False,
@@ -172,13 +177,14 @@ class TrackedState(_NotesWrites, defaultdict):
 class Slot:
     """One param's states and the layout they were made for.
 
-    `real` holds the local real (m, v, s) the kernels walk, `step` the param's view of its bucket's
-    step counters; `entry` is the dict in optimizer.state[p]: a step goes ahead only while the entry
+    `real` holds the local real (m, v, s) the kernels walk (with 8-bit states their codes, and
+    `scales` the float32 scale of each block of their memory order), `step` the param's view of its
+    bucket's step counters; `entry` is the dict in optimizer.state[p]: a step goes ahead only while the entry
     is unedited and the param's layout is the one recorded."""
 
     __slots__ = ("param", "bucket", "index", "dtype", "device", "device_index", "shape", "stride", "plain",
-                 "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "entry", "step",
-                 "seed", "stand_in", "edited")
+                 "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "scales", "entry",
+                 "step", "seed", "stand_in", "edited")
 
     def __init__(self, param: Tensor, bucket: "BucketStates", index: int, seed: int):
         self.param, self.bucket, self.index, self.seed = param, bucket, index, seed
@@ -194,11 +200,15 @@ class Slot:
         self.stand_in: dict[str, Tensor] = {}  # persistent copies for a non-dense param or odd grad
         self.edited = True
         sdt = bucket.state_dtype
+        coded = sdt == torch.uint8
+        zeros = [codebook.zero_code(signed) if coded else 0 for signed in SIGNED]  # 8-bit: the code of 0
         if self.dense:  # the param's own memory order: one linear index walks param, grad and states
-            self.real = tuple(torch.empty_strided(r.shape, r.stride(), dtype=sdt, device=r.device).zero_()
-                              for _ in STATE_KEYS)
+            self.real = tuple(torch.empty_strided(r.shape, r.stride(), dtype=sdt, device=r.device).fill_(z)
+                              for z in zeros)
         else:
-            self.real = tuple(torch.zeros(r.shape, dtype=sdt, device=r.device) for _ in STATE_KEYS)
+            self.real = tuple(torch.full(r.shape, z, dtype=sdt, device=r.device) for z in zeros)
+        self.scales = tuple(torch.zeros(codebook.blocks(self.numel), dtype=torch.float32, device=r.device)
+                            for _ in STATE_KEYS) if coded else None
         self.entry: StateEntry = StateEntry()
         self.step: Tensor | None = None
 
@@ -210,8 +220,12 @@ class Slot:
         entry.owner = None
         dict.clear(entry)
         dict.__setitem__(entry, "step", self.bucket.step_view(self.index))
-        for key, t in zip(STATE_KEYS, self.real):
-            dict.__setitem__(entry, key, like_param(t, self.param))
+        for i, (key, t) in enumerate(zip(STATE_KEYS, self.real)):
+            if self.scales is None:
+                dict.__setitem__(entry, key, like_param(t, self.param))
+            else:
+                dict.__setitem__(entry, key + CODES, like_param(t, self.param))
+                dict.__setitem__(entry, key + SCALES, self.scales[i])
         entry.owner = self
         self.entry = entry
         self.step = entry["step"]
@@ -237,13 +251,41 @@ class Slot:
             step.copy_(value.reshape(()))
         else:
             step.fill_(float(value.item() if isinstance(value, Tensor) else value))
-        for key, t in zip(STATE_KEYS, self.real):
-            if key in old:
-                t.copy_(as_real(old[key]))
-        if "exp_grad_var" not in old and "exp_avg" in old and "exp_avg_sq" in old:
-            m, v = as_real(old["exp_avg"]), as_real(old["exp_avg_sq"])
-            self.real[2].copy_(exp_grad_var_from_adam(m, v, float(step.item()), (hyper.beta1, hyper.beta2),
-                                                      hyper.rho))
+        given = {}  # the values of the states given, where they were not copied bit for bit
+        for i, key in enumerate(STATE_KEYS):
+            if key + CODES in old and key + SCALES in old:  # 8-bit states
+                codes, scales = as_real(old[key + CODES]), old[key + SCALES]
+                if self.scales is not None and codes.stride() == self.real[i].stride():
+                    self.real[i].copy_(codes)  # the same blocks: resumed bit for bit
+                    self.scales[i].copy_(scales)
+                    continue
+                given[key] = codebook.decode(codes, scales, SIGNED[i])
+            elif key in old:
+                given[key] = as_real(old[key])
+            else:
+                continue
+            self.store(i, given[key])
+
+        def has(key: str) -> bool:
+            return key in old or key + CODES in old
+
+        if not has("exp_grad_var") and has("exp_avg") and has("exp_avg_sq"):  # an AdamW checkpoint
+            m, v = (given[k] if k in given else self.value(i) for i, k in enumerate(STATE_KEYS[:2]))
+            self.store(2, exp_grad_var_from_adam(m, v, float(step.item()), (hyper.beta1, hyper.beta2), hyper.rho))
+
+    def store(self, i: int, value: Tensor) -> None:
+        """Write values into state i (encoding them for 8-bit states)."""
+        if self.scales is None:
+            self.real[i].copy_(value)
+            return
+        laid_out = torch.empty_like(self.real[i], dtype=torch.float32).copy_(value)  # in the codes' memory order
+        codebook.encode(laid_out, SIGNED[i], self.real[i], self.scales[i])
+
+    def value(self, i: int) -> Tensor:
+        """State i's values (decoded from 8-bit states; the stored tensor itself otherwise)."""
+        if self.scales is None:
+            return self.real[i]
+        return codebook.decode(self.real[i], self.scales[i], SIGNED[i])
 
 
 _by_handle: "weakref.WeakValueDictionary[int, BucketStates]" = weakref.WeakValueDictionary()
@@ -258,7 +300,8 @@ class BucketStates:
     def __init__(self, group: dict[str, Any], device: torch.device, dtype: torch.dtype,
                  state_dtype: torch.dtype):
         self.group, self.device, self.dtype, self.requested = group, device, dtype, state_dtype
-        self.state_dtype = torch.float64 if dtype == torch.float64 else state_dtype
+        # float64 params keep float64 states, unless 8-bit states were asked for
+        self.state_dtype = torch.float64 if dtype == torch.float64 and state_dtype != torch.uint8 else state_dtype
         self.steps = torch.zeros(16, dtype=torch.float32, device=device)
         self.slots: list[Slot | None] = []  # by index; an index is never reused, so block-map keys stay unique
         self.maps: OrderedDict[tuple, Any] = OrderedDict()

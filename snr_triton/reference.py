@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .codebook import BLOCK, table
+
 
 def new_state(param: torch.Tensor) -> dict:
     zeros = torch.zeros(param.shape, dtype=torch.float64, device=param.device)
@@ -38,7 +40,9 @@ def reference_step(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: 
     """One step in float64; `param` is updated in place in its own dtype.
 
     `state_dtype`, when given, rounds the states through that dtype after the
-    step, to model a backend that stores them narrower. Returns the per-element
+    step, to model a backend that stores them narrower; torch.uint8 encodes them
+    as 8-bit states (`encode_8bit`; the state then also holds the codes and
+    scales under `exp_avg_codes`, `exp_avg_scales`, ...). Returns the per-element
     quantities of the step (mhat, shat, q) for tests of the monitor.
     """
     if found_inf:
@@ -69,11 +73,39 @@ def reference_step(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: 
     theta = theta * (1 - lr * weight_decay)
     theta = theta - lr * q * mhat / (torch.sqrt(vhat) + eps)
 
-    if state_dtype is not None:
+    if state_dtype == torch.uint8:
+        coded = {}
+        for key, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False), ("exp_grad_var", s, False)):
+            coded[key + "_codes"], coded[key + "_scales"], coded[key] = encode_8bit(x, signed)
+        m, v, s = coded["exp_avg"], coded["exp_avg_sq"], coded["exp_grad_var"]
+        state.update(coded)
+    elif state_dtype is not None:
         m, v, s = (x.to(state_dtype).to(torch.float64) for x in (m, v, s))
     state.update(step=t, exp_avg=m, exp_avg_sq=v, exp_grad_var=s)
     param.copy_(theta.to(param.dtype))
     return {"mhat": mhat, "shat": shat, "q": q}
+
+
+def encode_8bit(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ALGORITHM.md '8-bit states' for float64 values in row-major blocks: (codes, float32 scales,
+    the decoded float64 values). The nearest table entry by brute force (every distance), ties to
+    the lower code: independent of the backends' threshold search."""
+    q = table(signed).double()
+    flat = x.reshape(-1)
+    n = flat.numel()
+    codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(-(-n // BLOCK), dtype=torch.float32, device=x.device)
+    for b, start in enumerate(range(0, n, BLOCK)):
+        part = flat[start:start + BLOCK]
+        scale = part.abs().max().float()  # stored as float32
+        scales[b] = scale
+        if scale == 0:
+            codes[start:start + BLOCK] = int((q == 0).nonzero()[0])
+            continue
+        y = part / scale.double()
+        codes[start:start + BLOCK] = (y[:, None] - q[None, :]).abs().argmin(1).to(torch.uint8)  # first minimum
+    decoded = q[codes.long()] * scales.double().repeat_interleave(BLOCK)[:n]
+    return codes.reshape(x.shape), scales, decoded.reshape(x.shape)
 
 
 def exp_grad_var_from_adam(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import fused_op
-from ..contract import CPU_DTYPES, GATE_IDS, c_defines
+from ..contract import CPU_DTYPES, FUSED_STATE_DTYPES, GATE_IDS, c_defines
 from ..hyperparams import Hyper
 from ..param_states import BucketStates, Slot
 from . import Degraded, kernel_cache, kernel_file
@@ -52,6 +52,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -
         return f"it supports float32 and bfloat16 params; use backend='eager' or 'auto' for {dtype}"
     if hyper.stochastic_rounding:
         return "it has no stochastic rounding; use backend='eager' or 'auto'"
+    if hyper.state_dtype not in FUSED_STATE_DTYPES:
+        return f"it has no {hyper.state_dtype} (8-bit) states yet; use backend='eager' or 'auto'"
     try:
         load_library()
     except RuntimeError as e:

@@ -12,8 +12,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import codebook
 from ..hyperparams import Hyper
-from ..param_states import BucketStates, Slot
+from ..param_states import SIGNED, BucketStates, Slot
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -> str | None:
@@ -37,8 +38,33 @@ def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None
     return torch.where(torch.isfinite(x), out, x).to(torch.bfloat16)
 
 
-def _upcast(tensors: Sequence[Tensor], dtype: torch.dtype, copy: bool = False) -> list[Tensor]:
-    return [t.to(dtype, copy=copy) for t in tensors]
+class Coded:
+    """An 8-bit state (or a piece of one): codes, the scales of its blocks, which code table."""
+
+    __slots__ = ("codes", "scales", "signed")
+
+    def __init__(self, codes: Tensor, scales: Tensor, signed: bool):
+        self.codes, self.scales, self.signed = codes, scales, signed
+
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def is_contiguous(self) -> bool:
+        return self.codes.is_contiguous()
+
+
+def _split(x: Tensor | Coded) -> Sequence[Tensor | Coded]:
+    """Pieces of PIECE elements (a multiple of codebook.BLOCK: 8-bit pieces hold whole blocks)."""
+    if isinstance(x, Coded):
+        return [Coded(c, s, x.signed) for c, s in
+                zip(x.codes.view(-1).split(PIECE), x.scales.split(PIECE // codebook.BLOCK))]
+    return x.view(-1).split(PIECE)
+
+
+def _upcast(tensors: Sequence[Tensor | Coded], dtype: torch.dtype, copy: bool = False) -> list[Tensor]:
+    """The values to compute with (8-bit states decoded: always a fresh tensor)."""
+    return [codebook.decode(t.codes, t.scales, t.signed).to(dtype) if isinstance(t, Coded) else t.to(dtype, copy=copy)
+            for t in tensors]
 
 
 def _store(dst: Sequence[Tensor], src: Sequence[Tensor], streams: Sequence[int] | None = None,
@@ -47,6 +73,11 @@ def _store(dst: Sequence[Tensor], src: Sequence[Tensor], streams: Sequence[int] 
     where the 0-dim `skip` is true, the storage keeps its value (decided on the device)."""
     generator = None
     for k, (d, s) in enumerate(zip(dst, src)):
+        if isinstance(d, Coded):  # 8-bit states: encoded in blocks
+            codes, scales = codebook.encode(s, d.signed)
+            d.codes.copy_(codes if skip is None else torch.where(skip, d.codes, codes))
+            d.scales.copy_(scales if skip is None else torch.where(skip, d.scales, scales))
+            continue
         if d is s:
             continue
         if streams is not None and d.dtype == torch.bfloat16:
@@ -105,7 +136,7 @@ def _pieces(tensors: list[list[Tensor]], steps: list[Tensor], seeds: list[int]):
     its param's index."""
     for j, (quint, t, seed) in enumerate(zip(zip(*tensors), steps, seeds)):
         if quint[0].numel() > PIECE and all(x.is_contiguous() for x in quint):
-            for k, parts in enumerate(zip(*(x.view(-1).split(PIECE) for x in quint))):
+            for k, parts in enumerate(zip(*(_split(x) for x in quint))):
                 yield parts, t, seed + k, j
         else:
             yield quint, t, seed, j
@@ -131,7 +162,11 @@ def step(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: l
                 return sums
         else:  # decided on the device: no synchronization, no graph break
             skip = found_inf != 0
-    exp_avgs, exp_avg_sqs, exp_grad_vars = ([s.real[k] for s in slots] for k in range(3))
+    if bucket.state_dtype == torch.uint8:  # decoded piece by piece, encoded back
+        exp_avgs, exp_avg_sqs, exp_grad_vars = ([Coded(s.real[k], s.scales[k], SIGNED[k]) for s in slots]
+                                                for k in range(3))
+    else:
+        exp_avgs, exp_avg_sqs, exp_grad_vars = ([s.real[k] for s in slots] for k in range(3))
     steps = [s.step for s in slots]
     seeds = [s.seed for s in slots]
     if skip is None:

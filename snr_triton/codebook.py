@@ -1,0 +1,107 @@
+"""8-bit states: the code tables and the block encoding (ALGORITHM.md, "8-bit states").
+
+A state of 8-bit storage is one uint8 code per element and one float32 scale per block of
+BLOCK consecutive elements (in the state tensor's memory order; a param's last block may be
+shorter). Code k of a block with scale a stands for a * table[k]. The tables are bitsandbytes'
+`create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)`, the ones bitsandbytes' and
+torchao's 8-bit AdamW use (signed for m, unsigned for v and s), rebuilt here from their
+definition. Encoding takes the nearest entry, ties to the lower code; every backend compares
+x / a against the same float32 midpoints (`midpoints`), rounded down so that for a float32 x / a
+the comparison is the exact one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+BLOCK = 256  # elements per scale
+
+
+def _build_table(signed: bool) -> Tensor:
+    values: list[float] = [0.0, 1.0]
+    for i in range(7):  # one decade per exponent, 10^-6 ... 10^0
+        count = 2 ** i if signed else 2 ** (i + 1)  # the unsigned table has the sign bit as one more fraction bit
+        bounds = torch.linspace(0.1, 1.0, count + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0  # float32, as bitsandbytes computes them
+        decade = (10.0 ** (i - 6)) * means
+        values += decade.tolist()
+        if signed:
+            values += (-decade).tolist()
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def _build_midpoints(q: Tensor) -> Tensor:
+    q = q.double()
+    exact = (q[:-1] + q[1:]) / 2  # exact in float64: two float32s' mean
+    down = exact.float()
+    lower = torch.nextafter(down, torch.tensor(-float("inf")))
+    return torch.where(down.double() > exact, lower, down)  # the largest float32 <= the midpoint
+
+
+# built once at import (module constants: torch.compile reads them without tracing a builder)
+_TABLES = {signed: _build_table(signed) for signed in (True, False)}
+_MIDPOINTS = {signed: _build_midpoints(_TABLES[signed]) for signed in (True, False)}
+_ZERO_CODES = {signed: int((_TABLES[signed] == 0).nonzero()[0]) for signed in (True, False)}
+
+
+def table(signed: bool, device: torch.device | str = "cpu") -> Tensor:
+    """The 256 float32 values the codes stand for, ascending (code k -> table[k])."""
+    return _TABLES[signed].to(device)
+
+
+def midpoints(signed: bool, device: torch.device | str = "cpu") -> Tensor:
+    """The 255 float32 thresholds: code(y) = number of thresholds < y (so a tie goes to the lower
+    code); exact for float32 y because each is the largest float32 not above its midpoint."""
+    return _MIDPOINTS[signed].to(device)
+
+
+def zero_code(signed: bool) -> int:
+    """The code of 0 (what a zero state and a block whose scale is 0 hold)."""
+    return _ZERO_CODES[signed]
+
+
+def blocks(numel: int) -> int:
+    return -(-numel // BLOCK)
+
+
+def flat(t: Tensor) -> Tensor:
+    """A dense tensor's elements in memory order (the order blocks run in)."""
+    return t if t.dim() == 1 and t.stride(0) == 1 else t.as_strided((t.numel(),), (1,))
+
+
+def _per_element(scales: Tensor, numel: int) -> Tensor:
+    return scales.repeat_interleave(BLOCK)[:numel]
+
+
+def decode(codes: Tensor, scales: Tensor, signed: bool, out: Tensor | None = None) -> Tensor:
+    """float32 values of a coded state, laid out like `codes` (dense)."""
+    if out is None:
+        out = torch.empty_like(codes, dtype=torch.float32)
+    values = table(signed, codes.device)[flat(codes).long()] * _per_element(scales, codes.numel())
+    flat(out).copy_(values)
+    return out
+
+
+def encode(x: Tensor, signed: bool, codes: Tensor | None = None, scales: Tensor | None = None
+           ) -> tuple[Tensor, Tensor]:
+    """Codes (laid out like `x`, dense) and per-block float32 scales of float32 values `x`:
+    scale = max |x| over the block, code = the nearest table entry to x / scale (ties lower),
+    the code of 0 where the scale is 0."""
+    x = x.float()
+    n = x.numel()
+    values = flat(x)
+    pad = blocks(n) * BLOCK - n
+    absmax = torch.nn.functional.pad(values.abs(), (0, pad)).view(-1, BLOCK).amax(1)
+    per = _per_element(absmax, n)
+    y = values / torch.where(per == 0, 1.0, per)  # a zero scale: every x is 0, y = 0
+    found = torch.searchsorted(midpoints(signed, x.device), y).to(torch.uint8)
+    if codes is None:
+        codes = torch.empty_like(x, dtype=torch.uint8)
+    flat(codes).copy_(found)
+    if scales is None:
+        scales = absmax
+    else:
+        scales.copy_(absmax)
+    return codes, scales

@@ -1,0 +1,413 @@
+"""8-bit states (state_dtype=torch.uint8; ALGORITHM.md "8-bit states") against independent truths:
+the code tables against their closed form and bitsandbytes' own, the encoding against a brute-force
+nearest search (snr_triton.reference.encode_8bit), every step against the float64 reference started
+from the same codes, checkpoints bit-exact and converted from and to float states and AdamW's."""
+
+import copy
+import io
+import logging
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from snr_triton import SNRAdamW, codebook, reference
+from snr_triton.backend import available
+from snr_triton.hyperparams import Hyper, DEFAULTS, RUNTIME_DEFAULTS
+
+KEYS = ("exp_avg", "exp_avg_sq", "exp_grad_var")
+SIGNED = {"exp_avg": True, "exp_avg_sq": False, "exp_grad_var": False}
+HYPER_8BIT = Hyper.of({**DEFAULTS, **RUNTIME_DEFAULTS, "state_dtype": torch.uint8})
+BACKENDS_8BIT = available(torch.device(DEVICE), torch.float32, HYPER_8BIT)
+HP = dict(lr=1e-2, betas=(0.9, 0.999), rho=0.99, eps=1e-8, weight_decay=0.1, gate="snr", alpha=0.5, softness=2.0,
+          gate_eps=1e-16, warmup_steps=0, maximize=False)
+
+
+def closed_form(signed: bool) -> torch.Tensor:
+    """bitsandbytes' create_dynamic_map(signed, 7, 8) in exact arithmetic: for decade i = 0..6 the
+    midpoints of 2^i (signed) or 2^(i+1) (unsigned) equal steps of [0.1, 1], times 10^(i-6), with
+    their negatives when signed; then 0 and 1."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        n = 2**i if signed else 2 ** (i + 1)
+        for j in range(n):
+            x = 10.0 ** (i - 6) * (0.1 + 0.9 * (j + 0.5) / n)
+            values += [x, -x] if signed else [x]
+    return torch.tensor(sorted(values), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_code_tables_are_the_dynamic_maps_of_their_definition(signed):
+    q = codebook.table(signed)
+    exact = closed_form(signed)
+    assert q.dtype == torch.float32 and q.shape == (256,)
+    assert torch.all(q[1:] > q[:-1])  # 256 distinct codes, ascending
+    assert q[-1] == 1 and q[codebook.zero_code(signed)] == 0 and (q[0] == 0) != signed
+    # bitsandbytes computes in float32: a few ulps from the exact values
+    assert torch.all((q.double() - exact).abs() <= 4 * 2.0**-24 * exact.abs())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_code_tables_equal_bitsandbytes_create_dynamic_map(signed):
+    functional = pytest.importorskip("bitsandbytes.functional")  # the test extra installs it
+    assert torch.equal(codebook.table(signed), functional.create_dynamic_map(signed, 7, 8))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_encoding_takes_the_nearest_code_and_ties_to_the_lower(signed):
+    q = codebook.table(signed).double()
+    mids = (q[:-1] + q[1:]) / 2
+    exact = mids[mids.float().double() == mids].float()  # midpoints a float32 holds exactly
+    above = torch.nextafter(exact, torch.tensor(2.0))
+    values = torch.cat([exact, above])
+    x = torch.cat([torch.cat([torch.ones(1), part]) for part in values.split(255)])  # a 1 in every block
+    codes, scales = codebook.encode(x, signed)
+    assert scales.tolist() == [1.0] * len(scales)  # scale 1: x / scale = x
+    codes = torch.cat([part[1:] for part in codes.split(256)]).long()
+    lower = torch.searchsorted(q, exact.double()) - 1  # the code just below each midpoint
+    assert exact.numel() > 50
+    assert torch.equal(codes[:len(exact)], lower)  # a tie: the lower code
+    assert torch.equal(codes[len(exact):], lower + 1)  # just above it: the upper one
+    ref_codes, ref_scales, _ = reference.encode_8bit(x.double(), signed)
+    assert torch.equal(codebook.encode(x, signed)[0], ref_codes) and torch.equal(scales, ref_scales)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_encoding_agrees_with_the_brute_force_nearest_search(signed):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(20_000, generator=gen) * torch.logspace(-12, 3, 20_000).float()  # blocks of many scales
+    x = x if signed else x.abs()
+    x[512:768] = 0  # a zero block: every code is the code of 0, the scale 0
+    codes, scales = codebook.encode(x, signed)
+    ref_codes, ref_scales, decoded = reference.encode_8bit(x.double(), signed)
+    assert torch.equal(scales, ref_scales) and scales[2] == 0
+    assert torch.all(codes[512:768] == codebook.zero_code(signed))
+    # x / scale in float32 and in float64 may fall on two sides of a midpoint: then one code apart
+    differ = codes != ref_codes
+    assert differ.sum() <= 2 and torch.all((codes.long() - ref_codes.long()).abs() <= 1)
+    torch.testing.assert_close(codebook.decode(codes, scales, signed)[~differ], decoded[~differ].float(),
+                               rtol=2**-23, atol=0)
+
+
+def test_a_block_never_spans_two_params_and_the_last_is_shorter():
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (300, 256, 5)]
+    opt = SNRAdamW(params, state_dtype=torch.uint8)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    for p in params:
+        for key in KEYS:
+            assert opt.state[p][key + "_scales"].shape == (-(-p.numel() // 256),)
+            codes, scales, _ = reference.encode_8bit(opt.decoded_state(p)[key].double(), SIGNED[key])
+            assert torch.equal(codes, opt.state[p][key + "_codes"])  # re-encoding the decoded gives the same
+
+
+def _coded_reference_state(opt, p):
+    """The reference's state from the optimizer's own codes (decoded in float64)."""
+    st = {"step": int(opt.state[p]["step"])}
+    for key in KEYS:
+        codes, scales = opt.state[p][key + "_codes"], opt.state[p][key + "_scales"]
+        q = codebook.table(SIGNED[key]).double()
+        st[key] = (q[codebook.flat(codes).long()] * scales.double().repeat_interleave(256)[:codes.numel()]
+                   ).reshape(codes.shape) if codes.is_contiguous() else None
+    return st
+
+
+@pytest.mark.parametrize("backend", BACKENDS_8BIT)
+@pytest.mark.parametrize("gate", ["snr", "soft", "hard", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_each_step_matches_the_reference_from_the_same_codes(backend, gate, dtype):
+    gen = torch.Generator().manual_seed(2)
+    n = 3000
+    p = torch.nn.Parameter(torch.randn(n, generator=gen).to(DEVICE, dtype))
+    hp = {**HP, "gate": gate}
+    opt = SNRAdamW([p], backend=backend, state_dtype=torch.uint8, **{k: v for k, v in hp.items()})
+    differ_total, moved = 0, False
+    for t in range(6):
+        g = (torch.randn(n, generator=gen) * 0.1 + 0.05).to(DEVICE, dtype)
+        st = _coded_reference_state(opt, p) if t else reference.new_state(p)
+        ref_p = p.detach().clone()
+        st_theta = ref_p.clone()
+        p.grad = g.clone()
+        opt.step()
+        reference.reference_step(ref_p, g, st, **hp, state_dtype=torch.uint8)
+        differ = 0
+        for key in KEYS:
+            codes, ref_codes = opt.state[p][key + "_codes"], st[key + "_codes"]
+            scales = opt.state[p][key + "_scales"]
+            # the scale is max |x| of the new float32 values: within a few ulps of the float64 one's
+            torch.testing.assert_close(scales, st[key + "_scales"], rtol=2.0**-22, atol=0)
+            assert torch.all((codes.long() - ref_codes.long()).abs() <= 1), key
+            differ += int((codes != ref_codes).sum())
+        differ_total += differ
+        # the update uses the new float32 values, before encoding: params as with float32 states
+        ulp = 2 * torch.finfo(dtype).eps * ref_p.double().abs()  # both round to the param's dtype
+        err = (p.detach().double() - ref_p.double()).abs()
+        assert torch.all(err <= ulp + 1e-5 * hp["lr"]), (t, float(err.max()))
+        moved = moved or not torch.equal(p.detach(), st_theta)
+    assert moved or gate == "hard"  # it moved, alike
+    assert differ_total <= 3 * 6 * n * 1e-3  # codes on midpoints, rounded either way: rare
+
+
+@pytest.mark.parametrize("backend", BACKENDS_8BIT)
+def test_resuming_from_a_checkpoint_is_bit_exact(backend):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(), torch.nn.Linear(30, 4))
+    twin = copy.deepcopy(model)
+    make = lambda m: SNRAdamW(m.parameters(), lr=1e-2, backend=backend, state_dtype=torch.uint8)  # noqa: E731
+    opt = make(model)
+    data = [torch.randn(16, 20) for _ in range(6)]
+
+    def train(m, o, batches):
+        for x in batches:
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+
+    train(model, opt, data[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    twin.load_state_dict(saved["model"])
+    twin_opt = make(twin)
+    twin_opt.load_state_dict(saved["opt"])
+    train(model, opt, data[3:])
+    train(twin, twin_opt, data[3:])
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+        for key, value in opt.state[a].items():
+            assert torch.equal(value, twin_opt.state[b][key]), key
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_float_state_checkpoints_load_into_8bit_states_and_back(state_dtype):
+    torch.manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(700))
+    opt = SNRAdamW([p], lr=1e-2, state_dtype=state_dtype)
+    for _ in range(3):
+        p.grad = torch.randn(700)
+        opt.step()
+    coded = SNRAdamW([p], lr=1e-2, state_dtype=torch.uint8)
+    coded.load_state_dict(opt.state_dict())
+    for key in KEYS:  # encoded: the nearest codes of the float states
+        codes, scales, _ = reference.encode_8bit(opt.state[p][key].double(), SIGNED[key])
+        assert torch.equal(coded.state[p][key + "_scales"], scales)
+        assert (coded.state[p][key + "_codes"] != codes).sum() <= 1
+    assert coded.state[p]["step"] == 3
+    back = SNRAdamW([p], lr=1e-2, state_dtype=torch.float32)
+    back.load_state_dict(coded.state_dict())
+    for key in KEYS:  # decoded: code value times scale, rounded once to float32
+        codes, scales = coded.state[p][key + "_codes"], coded.state[p][key + "_scales"]
+        exact = codebook.table(SIGNED[key]).double()[codes.long()] * scales.double().repeat_interleave(256)[:700]
+        assert torch.equal(back.state[p][key], exact.float())
+
+
+def test_an_adamw_checkpoint_loads_into_8bit_states():
+    torch.manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(500))
+    adamw = torch.optim.AdamW([p], lr=1e-2, betas=(0.8, 0.99))
+    for _ in range(4):
+        p.grad = torch.randn(500)
+        adamw.step()
+    opt = SNRAdamW([p], lr=1e-2, betas=(0.8, 0.99), rho=0.9, state_dtype=torch.uint8)
+    opt.load_state_dict(adamw.state_dict())
+    m, v = adamw.state[p]["exp_avg"].double(), adamw.state[p]["exp_avg_sq"].double()
+    mhat, vhat = m / (1 - 0.8**4), v / (1 - 0.99**4)  # ALGORITHM.md: s-hat = max(v-hat - m-hat^2, 0)
+    s = torch.clamp(vhat - mhat**2, min=0) * (1 - 0.9**4)
+    for key, x in (("exp_avg", m), ("exp_avg_sq", v), ("exp_grad_var", s)):
+        codes, scales, _ = reference.encode_8bit(x, SIGNED[key])
+        assert (opt.state[p][key + "_codes"] != codes).sum() <= 1, key
+        torch.testing.assert_close(opt.state[p][key + "_scales"], scales, rtol=2**-23, atol=0)
+
+
+def test_8bit_states_take_about_three_bytes_per_param():
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))
+    opt = SNRAdamW(model.parameters(), state_dtype=torch.uint8)
+    model(torch.randn(2, 512)).sum().backward()
+    opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    stored = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k != "step")
+    assert stored / n <= 3.1
+    assert stored == sum(3 * p.numel() + 3 * 4 * -(-p.numel() // 256) for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS_8BIT)
+def test_a_skipped_step_changes_no_code_or_scale(backend):
+    p = torch.nn.Parameter(torch.randn(600, device=DEVICE))
+    opt = SNRAdamW([p], backend=backend, state_dtype=torch.uint8, track_stats=True)
+    for k in range(2):
+        p.grad = torch.randn(600, device=DEVICE)
+        opt.step()
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = torch.randn(600, device=DEVICE)
+    opt.step(grad_scale=torch.tensor(2.0, device=DEVICE), found_inf=torch.tensor(1.0, device=DEVICE))
+    assert torch.equal(p.detach(), before[0])
+    for key, value in before[1].items():
+        assert torch.equal(opt.state[p][key], value), key
+    assert opt.stats()["skipped_steps"] == 1 and math.isnan(opt.stats()["mean_gate"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_8BIT)
+def test_gate_stats_with_8bit_states_are_the_references(backend):
+    gen = torch.Generator().manual_seed(6)
+    p = torch.nn.Parameter(torch.randn(900, generator=gen).to(DEVICE))
+    opt = SNRAdamW([p], backend=backend, state_dtype=torch.uint8, track_stats=True, **HP)
+    for t in range(3):
+        g = torch.randn(900, generator=gen).to(DEVICE) + 0.3
+        st = _coded_reference_state(opt, p) if t else reference.new_state(p)
+        p.grad = g
+        opt.step()
+        out = reference.reference_step(p.detach().clone(), g, st, **HP, state_dtype=torch.uint8)
+    stats = opt.stats()
+    assert stats["mean_gate"] == pytest.approx(float(out["q"].mean()), rel=1e-5)
+    assert stats["signal"] == pytest.approx(float((out["mhat"] ** 2).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_8BIT)
+def test_clipping_in_the_step_with_8bit_states_equals_clip_grad_norm_then_a_step(backend):
+    torch.manual_seed(7)
+    model = torch.nn.Linear(40, 30)
+    twin = copy.deepcopy(model)
+    opt = SNRAdamW(model.parameters(), lr=1e-2, backend=backend, state_dtype=torch.uint8, max_grad_norm=0.1)
+    twin_opt = SNRAdamW(twin.parameters(), lr=1e-2, backend=backend, state_dtype=torch.uint8)
+    for k in range(3):
+        x = torch.randn(8, 40)
+        for m in (model, twin):
+            m.zero_grad()
+            m(x).pow(2).sum().backward()
+        norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)
+        assert norm > 0.1  # clipping is active
+        opt.step()
+        twin_opt.step()
+        torch.testing.assert_close(opt.last_grad_norm(), norm, rtol=1e-6, atol=0)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        for key in KEYS:
+            codes, twin_codes = opt.state[a][key + "_codes"], twin_opt.state[b][key + "_codes"]
+            assert (codes != twin_codes).sum() <= 2 and torch.all((codes.long() - twin_codes.long()).abs() <= 1)
+
+
+def test_tensors_larger_than_one_eager_piece_are_encoded_in_whole_blocks():
+    from snr_triton.backend import eager
+
+    n = eager.PIECE + 300  # two pieces; the second ends in a short block
+    gen = torch.Generator().manual_seed(8)
+    p = torch.nn.Parameter(torch.randn(n, generator=gen))
+    opt = SNRAdamW([p], backend="eager", state_dtype=torch.uint8, **HP)
+    ref_p = p.detach().clone()
+    st = reference.new_state(p)
+    g = torch.randn(n, generator=gen)
+    p.grad = g
+    opt.step()
+    reference.reference_step(ref_p, g, st, **HP, state_dtype=torch.uint8)
+    for key in KEYS:
+        torch.testing.assert_close(opt.state[p][key + "_scales"], st[key + "_scales"], rtol=2.0**-22, atol=0)
+        assert (opt.state[p][key + "_codes"] != st[key + "_codes"]).sum() <= n * 1e-3
+    torch.testing.assert_close(p.detach(), ref_p, rtol=2.0**-22, atol=1e-5 * HP["lr"])  # both round to float32
+
+
+def test_complex_and_transposed_params_step_like_their_real_memory():
+    """Blocks run over a state's memory order, which is its param's: a transposed param's states
+    are its real memory's, and a complex param's those of its real view."""
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(30, 40, generator=gen)
+    transposed = torch.nn.Parameter(base.clone().t())  # memory order: base's
+    flat = torch.nn.Parameter(base.clone().reshape(-1))
+    cplx = torch.nn.Parameter(torch.view_as_complex(base.clone().reshape(600, 2)))
+    opts = [SNRAdamW([q], state_dtype=torch.uint8, **HP) for q in (transposed, flat, cplx)]
+    for _ in range(3):
+        g = torch.randn(30, 40, generator=gen)
+        transposed.grad, flat.grad = g.t().clone(), g.reshape(-1).clone()
+        cplx.grad = torch.view_as_complex(g.reshape(600, 2).clone())
+        for o in opts:
+            o.step()
+    assert torch.equal(transposed.detach().t().reshape(-1), flat.detach())
+    assert torch.equal(torch.view_as_real(cplx.detach()).reshape(-1), flat.detach())
+    for key in KEYS:
+        want = opts[1].state[flat][key + "_codes"]
+        assert torch.equal(codebook.flat(opts[0].state[transposed][key + "_codes"]), want)
+        assert torch.equal(opts[2].state[cplx][key + "_codes"].reshape(-1), want)
+        assert torch.equal(opts[0].state[transposed][key + "_scales"], opts[1].state[flat][key + "_scales"])
+
+
+def test_decoded_state_is_the_float_value_of_the_codes():
+    p = torch.nn.Parameter(torch.randn(10, 30))
+    opt = SNRAdamW([p], state_dtype=torch.uint8)
+    with pytest.raises(KeyError, match="no states"):
+        opt.decoded_state(p)
+    p.grad = torch.randn(10, 30)
+    opt.step()
+    decoded = opt.decoded_state(p)
+    for key in KEYS:
+        codes, scales = opt.state[p][key + "_codes"], opt.state[p][key + "_scales"]
+        exact = codebook.table(SIGNED[key]).double()[codes.long().reshape(-1)] * scales.double().repeat_interleave(256)[:300]
+        assert decoded[key].shape == p.shape and torch.equal(decoded[key].reshape(-1), exact.float())
+    assert decoded["step"] == 1
+
+
+def test_a_compiled_step_with_8bit_states_equals_eager_and_skips_on_device():
+    """fullgraph (no graph break, no host read), clipping on; a non-finite grad changes nothing:
+    the skip is decided on the device, codes and scales kept where found_inf is set."""
+    torch._dynamo.reset()
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    try:
+        torch.manual_seed(10)
+        model = torch.nn.Linear(12, 9)
+        twin = copy.deepcopy(model)
+        opts = [SNRAdamW(m.parameters(), lr=torch.tensor(1e-2), state_dtype=torch.uint8, max_grad_norm=0.5,
+                         backend="eager", track_stats=True) for m in (model, twin)]
+
+        def backward(m, k):
+            m.zero_grad()
+            m(torch.randn(4, 12, generator=torch.Generator().manual_seed(k))).pow(2).sum().backward()
+
+        for m, o in zip((model, twin), opts):
+            backward(m, 0)
+            o.step()
+        compiled = torch.compile(opts[0].step, backend="aot_eager", fullgraph=True)
+        for k in (1, 2, 3):
+            backward(model, k)
+            backward(twin, k)
+            if k == 2:
+                before = [p.detach().clone() for p in model.parameters()]
+                states = [{key: v.clone() for key, v in opts[0].state[p].items()} for p in model.parameters()]
+                model.weight.grad[0, 0] = float("nan")
+                twin.weight.grad[0, 0] = float("nan")
+            compiled()
+            opts[1].step()
+            if k == 2:
+                for p, b, st in zip(model.parameters(), before, states):
+                    assert torch.equal(p.detach(), b)
+                    for key, value in st.items():
+                        assert torch.equal(opts[0].state[p][key], value), key
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b)
+            for key, value in opts[0].state[a].items():
+                assert torch.equal(value, opts[1].state[b][key]), key
+    finally:
+        torch._dynamo.reset()
+
+
+def test_bad_state_dtypes_and_bad_8bit_checkpoints_are_refused_and_change_nothing():
+    p = torch.nn.Parameter(torch.randn(300))
+    with pytest.raises(ValueError, match=r"state_dtype must be one of .*torch\.uint8"):
+        SNRAdamW([p], state_dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"backend='cpu'.*8-bit"):
+        SNRAdamW([p], state_dtype=torch.uint8, backend="cpu")
+    opt = SNRAdamW([p], state_dtype=torch.uint8)
+    p.grad = torch.randn(300)
+    opt.step()
+    saved = opt.state_dict()
+    before = copy.deepcopy(saved)
+    for key, bad, match in (("exp_avg_codes", torch.zeros(300, dtype=torch.int8), "dense uint8"),
+                            ("exp_avg_scales", torch.zeros(3), r"float32 of shape \(2,\)"),
+                            ("exp_avg_sq_scales", None, "must be a tensor")):
+        broken = copy.deepcopy(saved)
+        broken["state"][0][key] = bad
+        with pytest.raises(ValueError, match=f"state '{key}' of param 0 .*{match}"):
+            opt.load_state_dict(broken)
+        after = opt.state_dict()
+        for k, v in before["state"][0].items():
+            assert torch.equal(after["state"][0][k], v)
