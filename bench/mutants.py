@@ -38,8 +38,31 @@ TRITON = "kernels/snr_adamw.py"
 CPU_TESTS = ("tests/test_backends.py", "tests/test_cpu.py", "tests/test_between_steps.py")
 TRITON_TESTS = ("tests/test_backends.py", "tests/test_triton.py", "tests/test_between_steps.py", "tests/test_amp.py")
 
+EIGHT_BIT_TESTS = ("tests/test_8bit_states.py", "tests/test_cpu.py")
+
 MUTANTS = [
     # the C kernel
+    Mutant("c: 8-bit ties to the upper code", C, "codes[i] = (uint8_t)(base + (thresholds[base] < y));",
+           "codes[i] = (uint8_t)(base + (thresholds[base] <= y));", EIGHT_BIT_TESTS),
+    Mutant("c: 8-bit scale pointer not advanced per chunk", C,
+           "(float *)(intptr_t)row[ROW_EXP_AVG_SCALES_ADDR] + start / CODE_BLOCK;",
+           "(float *)(intptr_t)row[ROW_EXP_AVG_SCALES_ADDR];", EIGHT_BIT_TESTS),
+    Mutant("c: 8-bit decode with the unsigned table for m", C,
+           "decode_block(mc + off + b, ms[blk], sgn->values", "decode_block(mc + off + b, ms[blk], uns->values",
+           EIGHT_BIT_TESTS),
+    Mutant("c: 8-bit zero block divides by 0", C, "const float d = a == 0.0f ? 1.0f : a;", "const float d = a;",
+           EIGHT_BIT_TESTS),
+    Mutant("c: 8-bit lookup drops the sign", C, "+ (bits < 0 ? LUT_HALF : 0);", "+ 0;", EIGHT_BIT_TESTS),
+    Mutant("8-bit: thresholds rounded up, not down", "snr_triton/codebook.py",
+           "torch.where(down.double() > exact, lower, down)", "down", EIGHT_BIT_TESTS),
+    Mutant("8-bit: a zero block encoded from 0 / 0", "snr_triton/codebook.py",
+           "y = values / torch.where(per == 0, 1.0, per)", "y = values / per", EIGHT_BIT_TESTS),
+    Mutant("8-bit: the reference's nearest code ties upward", "snr_triton/reference.py",
+           "(y[:, None] - q[None, :]).abs().argmin(1)", "(y[:, None] - q[None, :]).abs().flip(1).argmin(1).neg().add(255)",
+           EIGHT_BIT_TESTS),
+    Mutant("8-bit: a checkpoint's codes copied whatever their layout", "snr_triton/param_states.py",
+           "if self.scales is not None and codes.stride() == self.real[i].stride():", "if self.scales is not None:",
+           EIGHT_BIT_TESTS),
     Mutant("c: thread split", C, "stats, nchunks * i / threads, nchunks * (i + 1) / threads",
            "stats, nchunks / threads * i, nchunks / threads * (i + 1)", ("tests/test_cpu.py",)),
     Mutant("c: norm pass thread split", C, "block, nchunks * i / threads, nchunks * (i + 1) / threads",

@@ -4,7 +4,9 @@
  * disk, so later processes start at once. Threads are plain pthreads, not OpenMP: a second OpenMP
  * runtime beside torch's own would share the process badly. Work is a table of chunks, each a slice of
  * one tensor; params, grads and each param's own states are reached through an address table.
- * Math in float32, bias corrections in float64 once per chunk.
+ * Math in float32, bias corrections in float64 once per chunk. 8-bit states (codes and one scale
+ * per CODE_BLOCK elements, snr_triton/codebook.py) are decoded into float32 buffers a few blocks
+ * at a time, stepped by the float32-state loop, and encoded back.
  *
  * The contract (gate ids, table columns, stats columns) is not written here: it comes from
  * snr_triton/contract.py as -D defines when snr_triton/backend/cpu.py compiles this file.
@@ -13,6 +15,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 
 #if !defined(GATE_SNR) || !defined(ROW_COLUMNS) || !defined(STAT_COLUMNS)
 #error "compile through snr_triton/backend/cpu.py: it passes the kernel contract as -D defines"
@@ -163,20 +166,101 @@ DEFINE_CHUNK(chunk_f32_bf16, float, ID, ID, uint16_t, bf16_to_f32, f32_to_bf16)
 DEFINE_CHUNK(chunk_bf16_f32, uint16_t, bf16_to_f32, f32_to_bf16, float, ID, ID)
 DEFINE_CHUNK(chunk_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
+/* One 8-bit code table (snr_triton/codebook.py kernel_tables): the 256 values, the 255 thresholds
+ * (+inf after them) and, per lookup bucket of y's sign, exponent and top mantissa bits, the code
+ * of the bucket's smallest y. */
+typedef struct {
+    const float *values, *thresholds;
+    const int32_t *lut;
+} Codes;
+
+static inline void decode_block(const uint8_t *restrict codes, float scale, const float *restrict values,
+                                float *restrict out, int n) {
+    int32_t idx[CODE_BLOCK]; /* widened first: with int32 indices gcc gathers, with bytes it loads one by one */
+    _Pragma("omp simd")
+    for (int i = 0; i < n; i++) idx[i] = codes[i];
+    _Pragma("omp simd")
+    for (int i = 0; i < n; i++) out[i] = values[idx[i]] * scale;
+}
+
+/* scale = max |x| over the block; codes of x / scale (x / 1 = 0 everywhere when the scale is 0): the
+ * nearest code, ties to the lower (the threshold search of codebook.encode), found from y's lookup
+ * bucket (sign, exponent, top mantissa bits) with one comparison, as a bucket holds at most one
+ * threshold. */
+static inline void encode_block(const float *restrict x, int n, const Codes *c, uint8_t *restrict codes,
+                                float *restrict scale) {
+    float a = 0.0f;
+    _Pragma("omp simd reduction(max:a)")
+    for (int i = 0; i < n; i++) { const float ax = fabsf(x[i]); a = ax > a ? ax : a; }
+    *scale = a;
+    const float d = a == 0.0f ? 1.0f : a;
+    const int32_t *restrict lut = c->lut;
+    const float *restrict thresholds = c->thresholds;
+    _Pragma("omp simd")
+    for (int i = 0; i < n; i++) {
+        const float y = x[i] / d;
+        const int32_t bits = float_bits(y), mag = bits & 0x7FFFFFFF;
+        const int32_t e0 = mag >> 23, e = e0 < 127 ? e0 : 127;
+        const int32_t k = (e < LUT_EXP_MIN ? 0 : ((e - LUT_EXP_MIN) << LUT_MANTISSA_BITS)
+                           | ((mag >> (23 - LUT_MANTISSA_BITS)) & ((1 << LUT_MANTISSA_BITS) - 1)))
+                          + (bits < 0 ? LUT_HALF : 0);
+        const int32_t base = lut[k];
+        codes[i] = (uint8_t)(base + (thresholds[base] < y));
+    }
+}
+
+/* A chunk with 8-bit states, SUB elements (whole code blocks) at a time through float buffers a
+ * core's cache holds: decode m, v, s, the float32-state loop (F32), encode. */
+#define SUB 2048
+#define DEFINE_CHUNK_U8(NAME, P, F32)                                                               \
+static void NAME(P *param, const P *grad, uint8_t *mc, uint8_t *vc, uint8_t *sc, float *ms, float *vs,  \
+                 float *ss, int64_t n, const Hyper *h, float step, int gate, int maximize, double *stats,  \
+                 const Codes *sgn, const Codes *uns) {                                              \
+    float mb[SUB], vb[SUB], sb[SUB];                                                               \
+    double sums[STAT_COLUMNS] = {0}, part[STAT_COLUMNS];                                           \
+    for (int64_t off = 0; off < n; off += SUB) {                                                   \
+        const int64_t k = n - off < SUB ? n - off : SUB;                                           \
+        for (int64_t b = 0; b < k; b += CODE_BLOCK) {                                              \
+            const int len = (int)(k - b < CODE_BLOCK ? k - b : CODE_BLOCK);                        \
+            const int64_t blk = (off + b) / CODE_BLOCK;                                             \
+            decode_block(mc + off + b, ms[blk], sgn->values, mb + b, len);                          \
+            decode_block(vc + off + b, vs[blk], uns->values, vb + b, len);                          \
+            decode_block(sc + off + b, ss[blk], uns->values, sb + b, len);                          \
+        }                                                                                          \
+        F32(param + off, grad + off, mb, vb, sb, k, h, step, gate, maximize, stats ? part : 0);    \
+        if (stats)                                                                                 \
+            for (int j = 0; j < STAT_COLUMNS; j++) sums[j] += part[j];                             \
+        for (int64_t b = 0; b < k; b += CODE_BLOCK) {                                              \
+            const int len = (int)(k - b < CODE_BLOCK ? k - b : CODE_BLOCK);                        \
+            const int64_t blk = (off + b) / CODE_BLOCK;                                             \
+            encode_block(mb + b, len, sgn, mc + off + b, ms + blk);                                 \
+            encode_block(vb + b, len, uns, vc + off + b, vs + blk);                                 \
+            encode_block(sb + b, len, uns, sc + off + b, ss + blk);                                 \
+        }                                                                                          \
+    }                                                                                              \
+    if (stats) memcpy(stats, sums, sizeof sums);                                                   \
+}
+DEFINE_CHUNK_U8(chunk_f32_u8, float, chunk_f32_f32)
+DEFINE_CHUNK_U8(chunk_bf16_u8, uint16_t, chunk_bf16_f32)
+
+enum { STATE_F32 = 0, STATE_BF16 = 1, STATE_U8 = 2 };
+
 typedef struct {
     const int64_t *rows;
     const int32_t *block_tensor;
     int64_t block;
     const float *steps;
     const Hyper *h;
-    int gate, maximize, param_bf16, state_bf16;
+    int gate, maximize, param_bf16, state_kind;
     double *stats;
     int64_t begin, end;
+    const Codes *codes; /* [signed, unsigned] for 8-bit states */
 } Work;
 
 static void *run_chunks(void *arg) {
     const Work *w = (const Work *)arg;
-    const int64_t state_size = w->state_bf16 ? 2 : 4, param_size = w->param_bf16 ? 2 : 4;
+    const int64_t state_size = w->state_kind == STATE_BF16 ? 2 : w->state_kind == STATE_U8 ? 1 : 4;
+    const int64_t param_size = w->param_bf16 ? 2 : 4;
     for (int64_t c = w->begin; c < w->end; c++) {
         const int64_t *row = w->rows + ROW_COLUMNS * (int64_t)w->block_tensor[c];
         const int64_t start = (c - row[ROW_FIRST_BLOCK]) * w->block;
@@ -188,13 +272,23 @@ static void *run_chunks(void *arg) {
              *s = (char *)(intptr_t)row[ROW_EXP_GRAD_VAR_ADDR] + off;
         const float step = w->steps[row[ROW_STEP_SLOT]];
         double *st = w->stats ? w->stats + STAT_COLUMNS * c : 0;
-        if (!w->param_bf16 && !w->state_bf16)
+        if (w->state_kind == STATE_U8) { /* chunks start on a code block: start is a multiple of CODE_BLOCK */
+            float *ms = (float *)(intptr_t)row[ROW_EXP_AVG_SCALES_ADDR] + start / CODE_BLOCK;
+            float *vs = (float *)(intptr_t)row[ROW_EXP_AVG_SQ_SCALES_ADDR] + start / CODE_BLOCK;
+            float *ss = (float *)(intptr_t)row[ROW_EXP_GRAD_VAR_SCALES_ADDR] + start / CODE_BLOCK;
+            if (!w->param_bf16)
+                chunk_f32_u8((float *)param, (const float *)grad, (uint8_t *)m, (uint8_t *)v, (uint8_t *)s, ms, vs,
+                             ss, n, w->h, step, w->gate, w->maximize, st, &w->codes[0], &w->codes[1]);
+            else
+                chunk_bf16_u8((uint16_t *)param, (const uint16_t *)grad, (uint8_t *)m, (uint8_t *)v, (uint8_t *)s,
+                              ms, vs, ss, n, w->h, step, w->gate, w->maximize, st, &w->codes[0], &w->codes[1]);
+        } else if (!w->param_bf16 && w->state_kind == STATE_F32)
             chunk_f32_f32((float *)param, (const float *)grad, (float *)m, (float *)v, (float *)s, n,
                           w->h, step, w->gate, w->maximize, st);
         else if (!w->param_bf16)
             chunk_f32_bf16((float *)param, (const float *)grad, (uint16_t *)m, (uint16_t *)v,
                            (uint16_t *)s, n, w->h, step, w->gate, w->maximize, st);
-        else if (!w->state_bf16)
+        else if (w->state_kind == STATE_F32)
             chunk_bf16_f32((uint16_t *)param, (const uint16_t *)grad, (float *)m, (float *)v, (float *)s,
                            n, w->h, step, w->gate, w->maximize, st);
         else
@@ -227,15 +321,27 @@ static void run_parallel(void *(*fn)(void *), void *work, size_t size, int threa
 
 /* rows: [tensors][ROW_COLUMNS] int64 (snr_triton/contract.py ROW). block_tensor: [nchunks] int32,
  * the row of each chunk of `block` elements. stats: [nchunks][STAT_COLUMNS] or NULL. Chunks are
- * split evenly over `threads` threads, the caller's one. */
+ * split evenly over `threads` threads, the caller's one. state_kind: STATE_F32, STATE_BF16 or
+ * STATE_U8; for 8-bit states `block` is a multiple of CODE_BLOCK and `codebook` holds the signed
+ * then the unsigned table as 256 values, 256 thresholds (floats), then the two lookup tables of
+ * 2 * LUT_HALF int32 each. */
 int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nchunks, int64_t block,
                    const float *steps, const Hyper *h, int gate,
-                   int maximize, int param_bf16, int state_bf16, double *stats, int threads) {
+                   int maximize, int param_bf16, int state_kind, double *stats, int threads, const int32_t *codebook) {
     Work work[MAX_THREADS];
+    Codes codes[2];
+    if (state_kind == STATE_U8) {
+        if (block % CODE_BLOCK != 0 || !codebook) return -1;
+        for (int t = 0; t < 2; t++) {
+            codes[t].values = (const float *)(codebook + 512 * t);
+            codes[t].thresholds = (const float *)(codebook + 512 * t + 256);
+            codes[t].lut = codebook + 1024 + 2 * LUT_HALF * t;
+        }
+    }
     threads = thread_count(threads, nchunks);
     for (int i = 0; i < threads; i++) {
         Work w = {rows, block_tensor, block, steps, h, gate, maximize, param_bf16,
-                  state_bf16, stats, nchunks * i / threads, nchunks * (i + 1) / threads};
+                  state_kind, stats, nchunks * i / threads, nchunks * (i + 1) / threads, codes};
         work[i] = w;
     }
     run_parallel(run_chunks, work, sizeof(Work), threads);
@@ -313,7 +419,9 @@ int64_t snr_adamw_contract(int64_t *out) {
     const int64_t values[] = {GATE_NONE, GATE_SNR, GATE_SOFT, GATE_HARD, ROW_PARAM_ADDR, ROW_GRAD_ADDR,
                               ROW_EXP_AVG_ADDR, ROW_EXP_AVG_SQ_ADDR, ROW_EXP_GRAD_VAR_ADDR, ROW_NUMEL,
                               ROW_FIRST_BLOCK, ROW_STEP_SLOT, ROW_RNG_SEED, ROW_ALIGNED, STAT_SUM_Q,
-                              STAT_COUNT_ABOVE, STAT_SUM_SIGNAL, STAT_SUM_NOISE, ROW_COLUMNS, STAT_COLUMNS};
+                              STAT_COUNT_ABOVE, STAT_SUM_SIGNAL, STAT_SUM_NOISE, ROW_COLUMNS, STAT_COLUMNS,
+                              ROW_EXP_AVG_SCALES_ADDR, ROW_EXP_AVG_SQ_SCALES_ADDR, ROW_EXP_GRAD_VAR_SCALES_ADDR,
+                              CODE_BLOCK, LUT_EXP_MIN, LUT_MANTISSA_BITS, LUT_HALF};
     const int64_t n = (int64_t)(sizeof values / sizeof values[0]);
     if (out)
         for (int64_t i = 0; i < n; i++) out[i] = values[i];

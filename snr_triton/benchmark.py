@@ -89,8 +89,10 @@ def _bytes(impl: str, numel: int, dtype: torch.dtype) -> int:
     if impl.startswith("AdamW"):
         clip = 3 * p if "clip" in impl else 0
         return numel * (2 * p + p + 2 * 2 * p + clip)  # read p, g, m, v; write p, m, v (states in p's dtype)
-    s = 2 if "bf16 state" in impl else 4
     clip = p if "max_grad_norm" in impl else 0
+    if "8-bit state" in impl:  # codes, and a float32 scale per 256 elements, of each of m, v, s
+        return numel * (2 * p + p + clip) + 2 * 3 * (numel + 4 * -(-numel // 256))
+    s = 2 if "bf16 state" in impl else 4
     return numel * (2 * p + p + 2 * 3 * s + clip)  # read p, g, m, v, s; write p, m, v, s
 
 
@@ -165,6 +167,10 @@ def _implementations(device: torch.device, dtype: torch.dtype, numel: int = 0) -
         impls[f"SNRAdamW {fused} bf16 state"] = lambda ps: SNRAdamW(ps, backend=fused,
                                                                     state_dtype=torch.bfloat16)
         impls[f"SNRAdamW {fused} max_grad_norm"] = lambda ps: SNRAdamW(ps, backend=fused, max_grad_norm=1.0)
+    probe_8bit = SNRAdamW([probe], state_dtype=torch.uint8).backend_of(probe)
+    if probe_8bit != "eager" or numel <= EAGER_MAX:
+        impls[f"SNRAdamW {probe_8bit} 8-bit state"] = lambda ps: SNRAdamW(ps, backend=probe_8bit,
+                                                                          state_dtype=torch.uint8)
     if numel <= EAGER_MAX:
         impls["SNRAdamW eager"] = lambda ps: SNRAdamW(ps, backend="eager")
     return impls
@@ -288,7 +294,7 @@ def layout_host_ms(steps: int = 20) -> dict[str, float]:
         opt.step()
         times.append(time.perf_counter() - t)
     tiny = torch.zeros(4)
-    slots = [SimpleNamespace(real=(tiny, tiny, tiny), numel=n, index=i, seed=i, dense=True, contiguous=True,
+    slots = [SimpleNamespace(real=(tiny, tiny, tiny), scales=None, numel=n, index=i, seed=i, dense=True, contiguous=True,
                              real_stride=(1,)) for i, n in enumerate(numels)]
     bucket = BucketStates({}, torch.device("cpu"), torch.float32, torch.float32)
     builds = {}

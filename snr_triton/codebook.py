@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-BLOCK = 256  # elements per scale
+from .contract import CODE_BLOCK as BLOCK  # elements per scale
+from .contract import LUT_EXP_MIN, LUT_HALF, LUT_MANTISSA_BITS
 
 
 def _build_table(signed: bool) -> Tensor:
@@ -105,3 +106,47 @@ def encode(x: Tensor, signed: bool, codes: Tensor | None = None, scales: Tensor 
     else:
         scales.copy_(absmax)
     return codes, scales
+
+
+def _bucket_ends(key: Tensor) -> tuple[Tensor, Tensor]:
+    """The smallest and largest float32 of each lookup bucket (contract.LUT_*): sign, clamped
+    exponent and top mantissa bits of y."""
+    negative = key >= LUT_HALF
+    k = torch.where(negative, key - LUT_HALF, key)
+    e = (k >> LUT_MANTISSA_BITS) + LUT_EXP_MIN
+    low_bits = 23 - LUT_MANTISSA_BITS
+    lo_mag = (e << 23) | ((k & ((1 << LUT_MANTISSA_BITS) - 1)) << low_bits)
+    hi_mag = lo_mag | ((1 << low_bits) - 1)
+    lo_mag = torch.where(k == 0, 0, lo_mag)  # bucket 0 also holds every exponent below LUT_EXP_MIN
+    as_float = lambda bits: bits.to(torch.int32).view(torch.float32)  # noqa: E731
+    small = torch.where(negative, -as_float(hi_mag), as_float(lo_mag))
+    large = torch.where(negative, -as_float(lo_mag), as_float(hi_mag))
+    return small, large
+
+
+def kernel_tables(signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """What a kernel needs to encode and decode without a search: the 256 values, the 255
+    thresholds and a +inf sentinel, and per lookup bucket the code of its smallest y; the code of
+    any y in the bucket is that code, plus 1 when y is above the threshold it starts at (each
+    bucket holds at most one threshold: checked here)."""
+    mids = midpoints(signed)
+    key = torch.arange(2 * LUT_HALF, dtype=torch.int64)
+    small, large = _bucket_ends(key)
+    base = torch.searchsorted(mids, small)
+    top = torch.searchsorted(mids, large)
+    assert int((top - base).max()) <= 1, "a lookup bucket holds two thresholds: more mantissa bits"
+    sentinel = torch.cat([mids, torch.tensor([float("inf")])])
+    return table(signed), sentinel, base.to(torch.int32)
+
+
+def lookup_code(y: Tensor, signed: bool) -> Tensor:
+    """The kernels' encoding of y = x / scale in torch (tests check it against `encode`'s search)."""
+    _, thresholds, base = kernel_tables(signed)
+    bits = y.view(torch.int32).long()
+    mag = bits & 0x7FFFFFFF
+    e = (mag >> 23).clamp(max=127)
+    k = torch.where(e < LUT_EXP_MIN, 0, ((e - LUT_EXP_MIN) << LUT_MANTISSA_BITS)
+                    | ((mag >> (23 - LUT_MANTISSA_BITS)) & ((1 << LUT_MANTISSA_BITS) - 1)))
+    k = k + torch.where(bits < 0, LUT_HALF, 0)
+    b = base[k].long()
+    return (b + (thresholds[b] < y).long()).to(torch.uint8)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .contract import FUSED_STATE_DTYPES, GATES, TRITON_DTYPES
+from .contract import TRITON_STATE_DTYPES, GATES, TRITON_DTYPES
 from .param_states import BucketStates
 from .hyperparams import DEFAULT_HYPER, Hyper
 
@@ -55,7 +55,7 @@ def variants(which: str = "each") -> list[Variant]:
     """Every dtype pair x gate, plain and with every option on ("paths": every code path of the
     kernel), plus each option alone ("each"), or every combination of options ("all", 1,280)."""
     out = []
-    for pdt, sdt, gate in itertools.product(TRITON_DTYPES, FUSED_STATE_DTYPES, GATES):
+    for pdt, sdt, gate in itertools.product(TRITON_DTYPES, TRITON_STATE_DTYPES, GATES):
         base = dict(param_dtype=DTYPE_NAMES[pdt], state_dtype=DTYPE_NAMES[sdt], gate=gate)
         usable = [o for o in OPTIONS if o != "stochastic_rounding" or pdt == torch.bfloat16]
         if which == "all":

@@ -18,8 +18,10 @@ GATE_IDS = {"none": 0, "snr": 1, "soft": 2, "hard": 3}
 # param has state tensors of its own (snr_triton/param_states.py), reached by address like the
 # param and its grad; `step_slot` indexes the bucket's float32 step counters. `aligned` is 1 when
 # all five addresses are 16-byte aligned: the tensor's full blocks take the unmasked, full-width path.
+# With 8-bit states the state addresses are their codes', and the *_scales_addr columns their
+# scales' (0 for float states).
 ROW = ("param_addr", "grad_addr", "exp_avg_addr", "exp_avg_sq_addr", "exp_grad_var_addr", "numel", "first_block",
-       "step_slot", "rng_seed", "aligned")
+       "step_slot", "rng_seed", "aligned", "exp_avg_scales_addr", "exp_avg_sq_scales_addr", "exp_grad_var_scales_addr")
 
 # Partial sums of the gate statistics, one row per program / chunk, in this column order.
 STATS = ("sum_q", "count_above", "sum_signal", "sum_noise")
@@ -28,7 +30,16 @@ STATS = ("sum_q", "count_above", "sum_signal", "sum_noise")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)  # uint8: 8-bit states (snr_triton/codebook.py)
-FUSED_STATE_DTYPES = (torch.float32, torch.bfloat16)  # what the fused kernels store (8-bit: eager so far)
+TRITON_STATE_DTYPES = (torch.float32, torch.bfloat16)  # what the Triton kernel stores (8-bit: not yet)
+CPU_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
+
+# 8-bit states (snr_triton/codebook.py): one scale per CODE_BLOCK elements; the kernels find a code
+# through a lookup table indexed by the sign, exponent (from LUT_EXP_MIN up, lower ones clamped to
+# the first bucket) and top LUT_MANTISSA_BITS mantissa bits of x / scale, then one comparison.
+CODE_BLOCK = 256
+LUT_EXP_MIN = 103  # 2^-24: below the smallest midpoint of either table
+LUT_MANTISSA_BITS = 8  # buckets narrower than the tables' closest midpoints: one comparison decides
+LUT_HALF = (127 - LUT_EXP_MIN + 1) << LUT_MANTISSA_BITS  # entries per sign
 
 
 def c_defines() -> dict[str, int]:
@@ -36,5 +47,6 @@ def c_defines() -> dict[str, int]:
     out = {f"GATE_{name.upper()}": i for name, i in GATE_IDS.items()}
     out.update({f"ROW_{c.upper()}": i for i, c in enumerate(ROW)})
     out.update({f"STAT_{c.upper()}": i for i, c in enumerate(STATS)})
-    out.update(ROW_COLUMNS=len(ROW), STAT_COLUMNS=len(STATS))
+    out.update(ROW_COLUMNS=len(ROW), STAT_COLUMNS=len(STATS), CODE_BLOCK=CODE_BLOCK, LUT_EXP_MIN=LUT_EXP_MIN,
+               LUT_MANTISSA_BITS=LUT_MANTISSA_BITS, LUT_HALF=LUT_HALF)
     return out

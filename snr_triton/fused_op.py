@@ -24,7 +24,8 @@ from .hyperparams import Hyper
 from .param_states import BucketStates, Slot
 from .tables import BlockMap, block_map, operands, write_back
 
-MUTATES = ("params", "exp_avg", "exp_avg_sq", "exp_grad_var", "steps", "stats")
+MUTATES = ("params", "exp_avg", "exp_avg_sq", "exp_grad_var", "exp_avg_scales", "exp_avg_sq_scales",
+           "exp_grad_var_scales", "steps", "stats")
 # Hyper's float settings in the order the schema's `scalars` list carries them (a custom op takes
 # no structs); read back by name into Launch, never unpacked by position elsewhere.
 SCALARS = ("beta1", "beta2", "rho", "eps", "weight_decay", "alpha", "softness", "gate_eps")
@@ -61,7 +62,8 @@ def register(name: str, launch: Callable[[Launch], None], block: int) -> tuple[C
     """(custom op snr_triton::<name>, its eager implementation) around `launch`."""
 
     def impl(params: list[Tensor], grads: list[Tensor], exp_avg: list[Tensor], exp_avg_sq: list[Tensor],
-             exp_grad_var: list[Tensor], steps: Tensor, stats: Tensor, bucket_handle: int, slots: list[int],
+             exp_grad_var: list[Tensor], exp_avg_scales: list[Tensor], exp_avg_sq_scales: list[Tensor],
+             exp_grad_var_scales: list[Tensor], steps: Tensor, stats: Tensor, bucket_handle: int, slots: list[int],
              lr: float, lr_tensor: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
              scalars: list[float], gate: str, warmup_steps: int, maximize: bool, stochastic_rounding: bool,
              track_stats: bool) -> None:
@@ -69,7 +71,8 @@ def register(name: str, launch: Callable[[Launch], None], block: int) -> tuple[C
         table = block_map(bucket, slots, block)
         addresses, back = operands(table, table.slots, params, grads)
         states = [t.data_ptr() for ts in zip(exp_avg, exp_avg_sq, exp_grad_var) for t in ts] if exp_avg else None
-        table.refresh(addresses, states)
+        scales = [t.data_ptr() for ts in zip(exp_avg_scales, exp_avg_sq_scales, exp_grad_var_scales) for t in ts]
+        table.refresh(addresses, states, scales)
         launch(Launch(bucket, table, steps, stats, lr, lr_tensor, grad_scale, found_inf,
                       **dict(zip(SCALARS, scalars)), gate=gate, warmup_steps=warmup_steps, maximize=maximize,
                       stochastic_rounding=stochastic_rounding, track_stats=track_stats))
@@ -95,8 +98,9 @@ def call(op: Callable, impl: Callable, bucket: BucketStates, slots: list[Slot], 
     stats = bucket.stats_buffer(len(slots) if h.track_stats else 0, stats_dtype)  # [0, STATS] when off
     if torch.compiler.is_compiling():  # every tensor the op writes is an argument
         fn, states = op, tuple([s.real[k] for s in slots] for k in range(3))
+        states += tuple([s.scales[k] for s in slots] if bucket.state_dtype == torch.uint8 else [] for k in range(3))
     else:  # the kernel reaches the states by address
-        fn, states = impl, ([], [], [])
+        fn, states = impl, ([],) * 6
     fn(params, grads, *states, bucket.steps, stats, bucket.handle, [s.index for s in slots], float(lr), lr_tensor,
        grad_scale, found_inf, [float(getattr(h, k)) for k in SCALARS], h.gate, h.warmup_steps, h.maximize,
        h.stochastic_rounding, h.track_stats)

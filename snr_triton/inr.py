@@ -63,11 +63,12 @@ def train_side_by_side(clean: torch.Tensor, *, steps: int = 3000, lr: float = 1e
                seed=seed, eval_every=eval_every, gate=gate, progress=progress)
 
 
-def fit(clean: torch.Tensor, runs: dict[str, tuple[str, float]], *, steps: int = 3000, batch: int = 512,
+def fit(clean: torch.Tensor, runs: dict[str, tuple], *, steps: int = 3000, batch: int = 512,
         noise: float = 0.1, seed: int = 0, eval_every: int = 100, gate: str = "snr", progress: bool = True) -> dict:
-    """Fit one FourierMLP per run ({label: ("AdamW" | "SNRAdamW", lr)}) to the same noisy pixels,
-    from the same init and on the same batches, so runs differ only in optimizer and lr (the
-    lr-matched control of bench/paper/inr.py needs AdamW at several lrs beside SNRAdamW)."""
+    """Fit one FourierMLP per run ({label: ("AdamW" | "SNRAdamW", lr[, SNRAdamW keyword args])})
+    to the same noisy pixels, from the same init and on the same batches, so runs differ only in
+    optimizer, lr and options (the lr-matched control of bench/paper/inr.py needs AdamW at several
+    lrs beside SNRAdamW; bench/state_dtype_training.py SNRAdamW with several state dtypes)."""
     from tqdm import tqdm
 
     n = clean.numel()
@@ -77,14 +78,14 @@ def fit(clean: torch.Tensor, runs: dict[str, tuple[str, float]], *, steps: int =
     y, x = torch.meshgrid(torch.linspace(-1, 1, clean.shape[0]), torch.linspace(-1, 1, side), indexing="ij")
     xy = torch.stack([x.flatten(), y.flatten()], 1)
     models, opts = {}, {}
-    for name, (kind, lr) in runs.items():
+    for name, (kind, lr, *options) in runs.items():
         torch.manual_seed(seed)
         models[name] = FourierMLP(seed=seed)
         if kind == "AdamW":
             opts[name] = torch.optim.AdamW(models[name].parameters(), lr=lr, weight_decay=0.0)
         elif kind == "SNRAdamW":
             opts[name] = SNRAdamW(models[name].parameters(), lr=lr, weight_decay=0.0, gate=gate,
-                                  alpha=finite_alpha(batch, n), track_stats=True)
+                                  alpha=finite_alpha(batch, n), track_stats=True, **(options[0] if options else {}))
         else:
             raise ValueError(f"runs: the optimizer must be 'AdamW' or 'SNRAdamW', got {kind!r} for {name!r}")
     curves = {name: {"steps": [], "psnr_clean": [], "psnr_noisy": [], "gate": []} for name in models}
@@ -114,7 +115,7 @@ def fit(clean: torch.Tensor, runs: dict[str, tuple[str, float]], *, steps: int =
     with torch.no_grad():
         images = {name: model(xy).clamp(0, 1).reshape(clean.shape).tolist() for name, model in models.items()}
     return {
-        "config": dict(steps=steps, runs={k: list(v) for k, v in runs.items()}, lr=next(iter(runs.values()))[1],
+        "config": dict(steps=steps, runs={k: [str(x) if isinstance(x, dict) else x for x in v] for k, v in runs.items()}, lr=next(iter(runs.values()))[1],
                        batch=batch, noise=noise, seed=seed, gate=gate, alpha=finite_alpha(batch, n), pixels=n,
                        model="FourierMLP(features=64, hidden=256, scale=6)"),
         "seconds": time.perf_counter() - start,

@@ -20,6 +20,7 @@ from .param_states import MAPS_KEPT, BucketStates, Slot
 P, G, M, V, S = (ROW.index(c) for c in ("param_addr", "grad_addr", "exp_avg_addr", "exp_avg_sq_addr",
                                          "exp_grad_var_addr"))
 ALIGNED = ROW.index("aligned")
+MS, SS = ROW.index("exp_avg_scales_addr"), ROW.index("exp_grad_var_scales_addr")  # 8-bit states' scales
 
 # How often each kind of host work ran (tests count them; nothing reads them on the step's path).
 counters = {"maps_built": 0, "addresses_refreshed": 0, "stand_in_copies": 0}
@@ -35,11 +36,12 @@ class BlockMap:
         rows, first = [], 0
         for slot, n in zip(slots, blocks):
             m, v, s = (t.data_ptr() for t in slot.real)
-            rows.append([0, 0, m, v, s, slot.numel, first, slot.index, slot.seed, 0])
+            scales = [t.data_ptr() for t in slot.scales] if slot.scales is not None else [0, 0, 0]
+            rows.append([0, 0, m, v, s, slot.numel, first, slot.index, slot.seed, 0, *scales])
             first += n
         self.static = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(ROW))
         self.slots = slots
-        assert G == P + 1 and S == M + 2, "the kernels' columns moved: update BlockMap.refresh"
+        assert G == P + 1 and S == M + 2 and SS == MS + 2, "the kernels' columns moved: update BlockMap.refresh"
         self.static_aligned = (self.static[:, M:S + 1] & 15).sum(1) == 0
         self.states_aligned = bool(self.static_aligned.all())  # our own allocations: always
         self.states_moved = False  # the rows point at other state tensors than the slots' (compile)
@@ -72,11 +74,12 @@ class BlockMap:
             self.keep.append(pinned)
         return pinned.to(self.device, non_blocking=True)
 
-    def refresh(self, addresses: list[int], states: list[int] | None = None) -> None:
+    def refresh(self, addresses: list[int], states: list[int] | None = None, scales: list[int] | None = None) -> None:
         """Point the rows at these param and grad addresses ([p0, g0, p1, g1, ...]) and, when given
         ([m0, v0, s0, m1, ...]: under torch.compile the op may be handed copies of the states), at
-        those state addresses instead of the slots' own."""
-        key = addresses if states is None else addresses + states
+        those state addresses instead of the slots' own (and with 8-bit states at those `scales`,
+        in the same order)."""
+        key = addresses if states is None else addresses + states + (scales or [])
         if key == self.addresses:
             return
         counters["addresses_refreshed"] += 1
@@ -88,9 +91,12 @@ class BlockMap:
             st = torch.tensor(states, dtype=torch.int64).view(-1, 3)
             host[:, M:S + 1] = st
             aligned &= (st & 15).sum(1) == 0
+            if scales:
+                host[:, MS:SS + 1] = torch.tensor(scales, dtype=torch.int64).view(-1, 3)
         else:
             if self.states_moved:
                 host[:, M:S + 1] = self.static[:, M:S + 1]
+                host[:, MS:SS + 1] = self.static[:, MS:SS + 1]
             if not self.states_aligned:
                 aligned &= self.static_aligned
         self.states_moved = states is not None

@@ -13,7 +13,7 @@ import torch
 
 from conftest import DEVICE
 from snr_triton import SNRAdamW, codebook, reference
-from snr_triton.backend import available
+from snr_triton.backend import available, get
 from snr_triton.hyperparams import Hyper, DEFAULTS, RUNTIME_DEFAULTS
 
 KEYS = ("exp_avg", "exp_avg_sq", "exp_grad_var")
@@ -71,6 +71,55 @@ def test_encoding_takes_the_nearest_code_and_ties_to_the_lower(signed):
     assert torch.equal(codes[len(exact):], lower + 1)  # just above it: the upper one
     ref_codes, ref_scales, _ = reference.encode_8bit(x.double(), signed)
     assert torch.equal(codebook.encode(x, signed)[0], ref_codes) and torch.equal(scales, ref_scales)
+    # midpoints a float32 cannot hold: the float below is nearer the lower code, the one above the upper
+    x = tie_values(signed)
+    codes, _ = codebook.encode(x, signed)
+    assert torch.equal(codes, reference.encode_8bit(x.double(), signed)[0])
+    assert torch.equal(codes, codebook.lookup_code(x, signed))
+
+
+def tie_values(signed: bool) -> torch.Tensor:
+    """Every midpoint of the table a float32 holds exactly and the float just above each; for the
+    others the two floats around the midpoint. In blocks that each start with 1 (so every block's
+    scale is 1 and x / scale = x)."""
+    q = codebook.table(signed).double()
+    mids = (q[:-1] + q[1:]) / 2
+    held = mids.float().double() == mids
+    exact = mids[held].float()
+    near = mids[~held].float()  # rounded to nearest: one of the two floats around the midpoint
+    below = torch.where(near.double() > mids[~held], torch.nextafter(near, torch.tensor(-2.0)), near)
+    values = torch.cat([exact, torch.nextafter(exact, torch.tensor(2.0)), below,
+                        torch.nextafter(below, torch.tensor(2.0))])
+    return torch.cat([torch.cat([torch.ones(1), part]) for part in values.split(255)])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_kernels_lookup_table_finds_the_codes_of_the_threshold_search(signed):
+    """The fused kernels' encoding (sign, exponent and mantissa bits to a bucket, one comparison)
+    against the threshold search, on random float32s of [-1, 1] and on every threshold +- 1 ulp."""
+    gen = torch.Generator().manual_seed(12)
+    y = torch.randint(0, 0x3F800001, (1_000_000,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    th = codebook.midpoints(signed)
+    y = torch.cat([y, -y, th, torch.nextafter(th, torch.tensor(2.0)), torch.nextafter(th, torch.tensor(-2.0)),
+                   torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
+    y = y if signed else y.abs()
+    assert torch.equal(codebook.lookup_code(y, signed), torch.searchsorted(th, y).to(torch.uint8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_8BIT)
+def test_a_step_encodes_exactly_as_the_threshold_search_ties_included(backend):
+    """beta1 = 0 makes the new m the grad itself, so its codes are those of the grads: midpoints
+    (ties: the lower code) and the floats just above them, bit for bit on every backend."""
+    g = tie_values(True)
+    p = torch.nn.Parameter(torch.zeros(g.numel(), device=DEVICE))
+    opt = SNRAdamW([p], betas=(0.0, 0.999), backend=backend, state_dtype=torch.uint8)
+    p.grad = g.to(DEVICE)
+    opt.step()
+    codes, scales = codebook.encode(g, True)
+    ref_codes, _, _ = reference.encode_8bit(g.double(), True)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(opt.state[p]["exp_avg_codes"].cpu(), codes)
+    assert torch.equal(opt.state[p]["exp_avg_scales"].cpu(), scales) and torch.all(scales == 1)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -88,6 +137,19 @@ def test_encoding_agrees_with_the_brute_force_nearest_search(signed):
     assert differ.sum() <= 2 and torch.all((codes.long() - ref_codes.long()).abs() <= 1)
     torch.testing.assert_close(codebook.decode(codes, scales, signed)[~differ], decoded[~differ].float(),
                                rtol=2**-23, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_8BIT)
+def test_a_block_of_zeros_holds_the_code_of_zero_and_scale_zero(backend):
+    g = torch.randn(600)
+    g[256:512] = 0  # the second block: m, v, s stay 0
+    p = torch.nn.Parameter(torch.zeros(600, device=DEVICE))
+    opt = SNRAdamW([p], backend=backend, state_dtype=torch.uint8)
+    p.grad = g.to(DEVICE)
+    opt.step()
+    for key in KEYS:
+        assert opt.state[p][key + "_scales"][1] == 0 and opt.state[p][key + "_scales"][0] > 0
+        assert torch.all(opt.state[p][key + "_codes"][256:512] == codebook.zero_code(SIGNED[key])), key
 
 
 def test_a_block_never_spans_two_params_and_the_last_is_shorter():
@@ -114,9 +176,12 @@ def _coded_reference_state(opt, p):
     return st
 
 
-@pytest.mark.parametrize("backend", BACKENDS_8BIT)
+SERVED = [(b, d) for b in BACKENDS_8BIT for d in (torch.float32, torch.bfloat16, torch.float64)
+          if get(b).unavailable_reason(torch.device(DEVICE), d, HYPER_8BIT) is None]
+
+
+@pytest.mark.parametrize("backend,dtype", SERVED)
 @pytest.mark.parametrize("gate", ["snr", "soft", "hard", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_each_step_matches_the_reference_from_the_same_codes(backend, gate, dtype):
     gen = torch.Generator().manual_seed(2)
     n = 3000
@@ -347,7 +412,8 @@ def test_decoded_state_is_the_float_value_of_the_codes():
     assert decoded["step"] == 1
 
 
-def test_a_compiled_step_with_8bit_states_equals_eager_and_skips_on_device():
+@pytest.mark.parametrize("backend", BACKENDS_8BIT)
+def test_a_compiled_step_with_8bit_states_equals_eager_and_skips_on_device(backend):
     """fullgraph (no graph break, no host read), clipping on; a non-finite grad changes nothing:
     the skip is decided on the device, codes and scales kept where found_inf is set."""
     torch._dynamo.reset()
@@ -357,7 +423,7 @@ def test_a_compiled_step_with_8bit_states_equals_eager_and_skips_on_device():
         model = torch.nn.Linear(12, 9)
         twin = copy.deepcopy(model)
         opts = [SNRAdamW(m.parameters(), lr=torch.tensor(1e-2), state_dtype=torch.uint8, max_grad_norm=0.5,
-                         backend="eager", track_stats=True) for m in (model, twin)]
+                         backend=backend, track_stats=True) for m in (model, twin)]
 
         def backward(m, k):
             m.zero_grad()
@@ -394,8 +460,8 @@ def test_bad_state_dtypes_and_bad_8bit_checkpoints_are_refused_and_change_nothin
     p = torch.nn.Parameter(torch.randn(300))
     with pytest.raises(ValueError, match=r"state_dtype must be one of .*torch\.uint8"):
         SNRAdamW([p], state_dtype=torch.int8)
-    with pytest.raises(RuntimeError, match=r"backend='cpu'.*8-bit"):
-        SNRAdamW([p], state_dtype=torch.uint8, backend="cpu")
+    with pytest.raises(RuntimeError, match=r"backend='triton'.*8-bit"):  # not in the Triton kernel yet
+        SNRAdamW([p], state_dtype=torch.uint8, backend="triton")
     opt = SNRAdamW([p], state_dtype=torch.uint8)
     p.grad = torch.randn(300)
     opt.step()
@@ -411,3 +477,24 @@ def test_bad_state_dtypes_and_bad_8bit_checkpoints_are_refused_and_change_nothin
         after = opt.state_dict()
         for k, v in before["state"][0].items():
             assert torch.equal(after["state"][0][k], v)
+
+
+def test_a_checkpoint_of_another_layout_is_decoded_in_its_blocks_and_encoded_in_ours():
+    """Blocks run over memory order, so codes saved for a transposed param do not fit a contiguous
+    one bit for bit: they are decoded in the saved layout and encoded again in the new one."""
+    gen = torch.Generator().manual_seed(13)
+    rows = torch.logspace(-4, 2, 40)[:, None]  # blocks of very different scales
+    transposed = torch.nn.Parameter((torch.randn(40, 64, generator=gen) * rows).t())
+    opt = SNRAdamW([transposed], state_dtype=torch.uint8, lr=1e-3)
+    for _ in range(2):
+        transposed.grad = (torch.randn(40, 64, generator=gen) * rows).t()
+        opt.step()
+    saved = opt.state_dict()
+    contiguous = torch.nn.Parameter(transposed.detach().contiguous())
+    other = SNRAdamW([contiguous], state_dtype=torch.uint8, lr=1e-3)
+    other.load_state_dict(saved)
+    for key in KEYS:
+        decoded = opt.decoded_state(transposed)[key]
+        codes, scales, _ = reference.encode_8bit(decoded.contiguous().double(), SIGNED[key])
+        assert torch.equal(other.state[contiguous][key + "_scales"], scales)
+        assert (other.state[contiguous][key + "_codes"] != codes).sum() <= 2

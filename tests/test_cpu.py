@@ -96,6 +96,40 @@ def test_the_c_source_has_no_contract_of_its_own():
         assert f"#define {name}" not in source and f"{name} =" not in source, name
 
 
+def test_the_threaded_path_with_8bit_states_steps_every_chunk_and_block():
+    """8-bit states on 2 threads: every chunk stepped and every block's scale written (a scale
+    pointer off by a chunk would leave blocks at 0), one step against the float64 reference."""
+    from snr_triton import reference
+    from snr_triton.hyperparams import DEFAULTS
+
+    sizes = (cpu.PARALLEL_MIN + cpu.CHUNK + 100, 2 * cpu.CHUNK + 5)
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in sizes]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    hp = dict(DEFAULTS, lr=1e-2, alpha=0.7)
+    opt = SNRAdamW(params, backend="cpu", state_dtype=torch.uint8, **hp)
+    refs = [p.detach().clone() for p in params]
+    states = [reference.new_state(p) for p in params]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    finally:
+        torch.set_num_threads(previous)
+    for p, r, g, st in zip(params, refs, grads, states):
+        before = r.clone()
+        reference.reference_step(r, g, st, **hp, state_dtype=torch.uint8)
+        assert (p.detach() != before).all()
+        torch.testing.assert_close(p.detach(), r, rtol=2.0**-22, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq", "exp_grad_var"):
+            scales = opt.state[p][key + "_scales"]
+            assert (scales > 0).all()
+            torch.testing.assert_close(scales, st[key + "_scales"], rtol=2.0**-22, atol=0)
+            assert (opt.state[p][key + "_codes"] != st[key + "_codes"]).sum() <= p.numel() * 1e-3
+
+
 def test_cpu_kernel_refuses_what_it_cannot_do():
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="backend='cpu'.*float32 and bfloat16.*backend='eager' or 'auto'"):

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import fused_op
-from ..contract import CPU_DTYPES, FUSED_STATE_DTYPES, GATE_IDS, c_defines
+from .. import codebook, fused_op
+from ..contract import CPU_DTYPES, CPU_STATE_DTYPES, GATE_IDS, c_defines
 from ..hyperparams import Hyper
 from ..param_states import BucketStates, Slot
 from . import Degraded, kernel_cache, kernel_file
@@ -27,13 +27,29 @@ from . import Degraded, kernel_cache, kernel_file
 CHUNK = 1 << 15  # elements per work item: large enough to amortize, small enough to balance threads
 PARALLEL_MIN = 1 << 18  # below this many elements a step runs on the calling thread alone
 AUTO_DEVICE_TYPES = ("cpu",)
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-fno-math-errno",
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-fno-math-errno",
           "-std=c11"]
 # The order in which snr_adamw_contract() reports the defines it was compiled with.
 _CONTRACT_ORDER = ("GATE_NONE", "GATE_SNR", "GATE_SOFT", "GATE_HARD", "ROW_PARAM_ADDR", "ROW_GRAD_ADDR",
                    "ROW_EXP_AVG_ADDR", "ROW_EXP_AVG_SQ_ADDR", "ROW_EXP_GRAD_VAR_ADDR", "ROW_NUMEL",
                    "ROW_FIRST_BLOCK", "ROW_STEP_SLOT", "ROW_RNG_SEED", "ROW_ALIGNED", "STAT_SUM_Q",
-                   "STAT_COUNT_ABOVE", "STAT_SUM_SIGNAL", "STAT_SUM_NOISE", "ROW_COLUMNS", "STAT_COLUMNS")
+                   "STAT_COUNT_ABOVE", "STAT_SUM_SIGNAL", "STAT_SUM_NOISE", "ROW_COLUMNS", "STAT_COLUMNS",
+                   "ROW_EXP_AVG_SCALES_ADDR", "ROW_EXP_AVG_SQ_SCALES_ADDR", "ROW_EXP_GRAD_VAR_SCALES_ADDR",
+                   "CODE_BLOCK", "LUT_EXP_MIN", "LUT_MANTISSA_BITS", "LUT_HALF")
+STATE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}  # the C kernel's STATE_F32, _BF16, _U8
+_codebook: list[Tensor] = []  # the 8-bit code tables as the C kernel reads them, made on first use
+
+
+def codebook_buffer() -> Tensor:
+    """kernel_tables(signed) then kernel_tables(unsigned), in one int32 buffer (floats by their bits)."""
+    if not _codebook:
+        parts = []
+        for signed in (True, False):
+            values, thresholds, _ = codebook.kernel_tables(signed)
+            parts += [values.view(torch.int32), thresholds.view(torch.int32)]
+        parts += [codebook.kernel_tables(signed)[2] for signed in (True, False)]
+        _codebook.append(torch.cat(parts).contiguous())
+    return _codebook[0]
 
 _library: ctypes.CDLL | None = None
 _library_error: str | None = None
@@ -52,7 +68,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -
         return f"it supports float32 and bfloat16 params; use backend='eager' or 'auto' for {dtype}"
     if hyper.stochastic_rounding:
         return "it has no stochastic rounding; use backend='eager' or 'auto'"
-    if hyper.state_dtype not in FUSED_STATE_DTYPES:
+    if hyper.state_dtype not in CPU_STATE_DTYPES:
         return f"it has no {hyper.state_dtype} (8-bit) states yet; use backend='eager' or 'auto'"
     try:
         load_library()
@@ -127,7 +143,7 @@ def load_library() -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.POINTER(_Hyper), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                   ctypes.c_int]
+                   ctypes.c_int, ctypes.c_void_p]
     sq = lib.snr_grad_sq
     sq.restype = ctypes.c_int
     sq.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
@@ -149,11 +165,16 @@ def launch(job: fused_op.Launch) -> None:
     c_hyper = _Hyper(job.beta1, job.beta2, job.rho, job.eps, job.weight_decay, job.alpha, job.softness, job.gate_eps,
                      job.lr_tensor.item() if job.lr_tensor is not None else job.lr,
                      1.0 / job.grad_scale.item() if job.grad_scale is not None else 1.0, job.warmup_steps)
-    lib.snr_adamw_step(
+    kind = STATE_KINDS[job.bucket.state_dtype]
+    done = lib.snr_adamw_step(
         table.rows.data_ptr(), table.block_tensor.data_ptr(), table.num_blocks, CHUNK, steps.data_ptr(),
         ctypes.byref(c_hyper), GATE_IDS[job.gate], int(job.maximize), int(job.bucket.dtype == torch.bfloat16),
-        int(job.bucket.state_dtype == torch.bfloat16), partials.data_ptr() if partials is not None else None,
-        torch.get_num_threads() if table.numel >= PARALLEL_MIN else 1)
+        kind, partials.data_ptr() if partials is not None else None,
+        torch.get_num_threads() if table.numel >= PARALLEL_MIN else 1,
+        codebook_buffer().data_ptr() if kind == STATE_KINDS[torch.uint8] else None)
+    if done != 0:
+        raise RuntimeError(f"the C kernel refused its arguments (8-bit states need a chunk of whole {codebook.BLOCK}-"
+                           "element blocks and the code tables)")
     if job.track_stats:  # per-chunk partial sums, added per tensor
         job.stats.zero_().index_add_(0, table.block_tensor, partials)
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import fused_op
-from ..contract import FUSED_STATE_DTYPES, GATE_IDS, TRITON_DTYPES
+from ..contract import TRITON_STATE_DTYPES, GATE_IDS, TRITON_DTYPES
 from ..hyperparams import Hyper
 from ..param_states import BucketStates, Slot
 from . import Degraded, kernel_file
@@ -43,7 +43,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -
     if dtype not in TRITON_DTYPES:
         return (f"the kernel supports {', '.join(map(str, TRITON_DTYPES))} params; "
                 f"use backend='eager' or 'auto' for {dtype}")
-    if hyper.state_dtype not in FUSED_STATE_DTYPES:
+    if hyper.state_dtype not in TRITON_STATE_DTYPES:
         return f"the kernel has no {hyper.state_dtype} (8-bit) states yet; use backend='eager' or 'auto'"
     return None
 
