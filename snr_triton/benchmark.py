@@ -86,6 +86,8 @@ def _bytes(impl: str, numel: int, dtype: torch.dtype) -> int:
     """The byte model: param and grad in their dtype, states in theirs; clipping adds a read of g
     for the norm, and clip_grad_norm_ a read and a write of g to scale it."""
     p = torch.finfo(dtype).bits // 8
+    if impl.endswith("AdamW8bit"):  # torchao's, bitsandbytes': m and v as codes and a scale per 256
+        return numel * 3 * p + 2 * 2 * (numel + 4 * -(-numel // 256))
     if impl.startswith("AdamW"):
         clip = 3 * p if "clip" in impl else 0
         return numel * (2 * p + p + 2 * 2 * p + clip)  # read p, g, m, v; write p, m, v (states in p's dtype)
@@ -173,7 +175,27 @@ def _implementations(device: torch.device, dtype: torch.dtype, numel: int = 0) -
                                                                           state_dtype=torch.uint8)
     if numel <= EAGER_MAX:
         impls["SNRAdamW eager"] = lambda ps: SNRAdamW(ps, backend="eager")
+    if dtype == torch.float32:
+        impls.update(_other_8bit_adamw())
     return impls
+
+
+def _other_8bit_adamw() -> dict[str, Callable]:
+    """torchao's and bitsandbytes' AdamW8bit, where they install (8-bit states' neighbours)."""
+    found: dict[str, Callable] = {}
+    try:
+        from torchao.optim import AdamW8bit
+
+        found["torchao AdamW8bit"] = lambda ps: AdamW8bit(ps)
+    except Exception:  # not installed, or built for another torch
+        pass
+    try:
+        import bitsandbytes
+
+        found["bitsandbytes AdamW8bit"] = lambda ps: bitsandbytes.optim.AdamW8bit(ps)
+    except Exception:
+        pass
+    return found
 
 
 def _peak_extra(device: torch.device, step: Callable[[], None]) -> float:
@@ -243,7 +265,7 @@ def host_overhead(device: torch.device, tensors: int = 1000, steps: int = 20) ->
     `zero_grad()` + backward gives; only the step is timed)."""
     out: dict[str, dict[str, float]] = {"same grads": {}, "fresh grads": {}}
     impls = {k: v for k, v in _implementations(device, torch.float32, 0).items()
-             if "bf16 state" not in k and "clip" not in k and "max_grad_norm" not in k}
+             if "bf16 state" not in k and "clip" not in k and "max_grad_norm" not in k and "AdamW8bit" not in k}
     runs = {}
     for name, make in impls.items():
         ps = [torch.nn.Parameter(torch.randn(8, device=device)) for _ in range(tensors)]

@@ -152,3 +152,42 @@ def test_load_state_dict_refuses_a_mismatched_checkpoint_and_keeps_state(backend
     for i, st in before["state"].items():
         for key, value in st.items():
             assert torch.equal(after["state"][i][key], value), (i, key)
+
+
+# The whole message, as a user reads it: the argument's name, the valid range with its open or
+# closed ends, the value given (mutmut: names, brackets and "inf" in messages survived a match
+# on the name alone).
+EXACT_MESSAGES = [
+    (dict(lr=-1.0), "lr must be in [0.0, inf), got -1.0"),
+    (dict(lr=torch.tensor(-1.0)), "lr must be in [0.0, inf), got -1.0"),
+    (dict(eps=0.0), "eps must be in (0.0, inf), got 0.0"),
+    (dict(weight_decay=-0.1), "weight_decay must be in [0.0, inf), got -0.1"),
+    (dict(rho=1.0), "rho must be in [0.0, 1.0), got 1.0"),
+    (dict(alpha=-1.0), "alpha must be in [0.0, inf), got -1.0"),
+    (dict(softness=-1.0), "softness must be in [0.0, inf), got -1.0"),
+    (dict(gate_eps=0.0), "gate_eps must be in (0.0, inf), got 0.0"),
+    (dict(eps="1e-8"), "eps must be a real number in (0.0, inf), got '1e-8'"),
+    (dict(betas=(torch.tensor(1.0), torch.tensor(0.9))), "betas[0] must be in [0.0, 1.0), got 1.0"),
+    (dict(state_dtype=torch.float16),
+     "state_dtype must be one of torch.float32, torch.bfloat16, torch.uint8; got torch.float16"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", EXACT_MESSAGES, ids=[next(iter(k)) + str(i) for i, (k, _) in
+                                                                 enumerate(EXACT_MESSAGES)])
+def test_a_bad_value_gets_a_message_naming_it_its_range_and_the_value(kwargs, message):
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError) as info:
+        SNRAdamW([p], **kwargs)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("lr", [0.0, torch.tensor(0.0)], ids=["float", "tensor"])
+def test_lr_zero_is_valid_and_moves_nothing(lr):
+    """The lower end of lr's range is closed, as in torch.optim.AdamW (a warmup schedule starts at 0)."""
+    p = torch.nn.Parameter(torch.randn(5))
+    before = p.detach().clone()
+    opt = SNRAdamW([p], lr=lr, weight_decay=0.1)
+    p.grad = torch.randn(5)
+    opt.step()
+    assert torch.equal(p.detach(), before)
