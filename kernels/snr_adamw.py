@@ -4,7 +4,9 @@ Each program updates BLOCK elements of one tensor. It finds its tensor in a bloc
 the tensor's param, grad and state addresses, length and step slot in a metadata table
 (snr_triton/tables.py), both built once per active set on the host; only the param and grad
 addresses are refreshed when storages move. Every element's theta, g, m, v, s is read once and
-theta, m, v, s written once: ALGORITHM.md's 36 bytes per fp32 element.
+theta, m, v, s written once: ALGORITHM.md's 36 bytes per fp32 element. With 8-bit states a
+program's BLOCK elements are whole code blocks: it decodes m, v, s, steps, takes each code
+block's absmax and encodes (snr_triton/codebook.py), all in registers.
 """
 
 import triton
@@ -25,6 +27,15 @@ FIRST_BLOCK = tl.constexpr(contract.ROW.index("first_block"))
 STEP_SLOT = tl.constexpr(contract.ROW.index("step_slot"))
 RNG_SEED = tl.constexpr(contract.ROW.index("rng_seed"))
 ALIGNED = tl.constexpr(contract.ROW.index("aligned"))
+EXP_AVG_SCALES_ADDR = tl.constexpr(contract.ROW.index("exp_avg_scales_addr"))
+EXP_AVG_SQ_SCALES_ADDR = tl.constexpr(contract.ROW.index("exp_avg_sq_scales_addr"))
+EXP_GRAD_VAR_SCALES_ADDR = tl.constexpr(contract.ROW.index("exp_grad_var_scales_addr"))
+CODE_BLOCK = tl.constexpr(contract.CODE_BLOCK)
+LUT_EXP_MIN = tl.constexpr(contract.LUT_EXP_MIN)
+LUT_MANTISSA_BITS = tl.constexpr(contract.LUT_MANTISSA_BITS)
+LUT_HALF = tl.constexpr(contract.LUT_HALF)
+LUT_SHIFT = tl.constexpr(23 - contract.LUT_MANTISSA_BITS)  # the mantissa bits a bucket drops
+LUT_MANTISSA_MASK = tl.constexpr((1 << contract.LUT_MANTISSA_BITS) - 1)
 GATE_NONE = tl.constexpr(contract.GATE_IDS["none"])
 GATE_SNR = tl.constexpr(contract.GATE_IDS["snr"])
 GATE_SOFT = tl.constexpr(contract.GATE_IDS["soft"])
@@ -91,8 +102,7 @@ def _load5(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _store4(p_ptr, m_ptr, v_ptr, s_ptr, p, m, v, s, mask, seed_ptr, rand_offsets,
-            STOCHASTIC_ROUNDING: tl.constexpr, MASKED: tl.constexpr):
+def _store_param(p_ptr, p, mask, seed_ptr, rand_offsets, STOCHASTIC_ROUNDING: tl.constexpr, MASKED: tl.constexpr):
     if STOCHASTIC_ROUNDING:  # the param's own stream (its seed), varied by element and step
         rounded = _stochastic_round_bf16(p, tl.load(seed_ptr), rand_offsets)
         if MASKED:
@@ -101,9 +111,50 @@ def _store4(p_ptr, m_ptr, v_ptr, s_ptr, p, m, v, s, mask, seed_ptr, rand_offsets
             tl.store(p_ptr, rounded)
     else:
         _store(p_ptr, p, mask, MASKED)
+
+
+@triton.jit
+def _store4(p_ptr, m_ptr, v_ptr, s_ptr, p, m, v, s, mask, seed_ptr, rand_offsets,
+            STOCHASTIC_ROUNDING: tl.constexpr, MASKED: tl.constexpr):
+    _store_param(p_ptr, p, mask, seed_ptr, rand_offsets, STOCHASTIC_ROUNDING, MASKED)
     _store(m_ptr, m, mask, MASKED)
     _store(v_ptr, v, mask, MASKED)
     _store(s_ptr, s, mask, MASKED)
+
+
+@triton.jit
+def _decode(codes, scales_ptr, offs, mask, values_ptr):
+    """8-bit state values: table[code] * the scale of the element's code block (codes arrive as
+    float32 from _load: small integers, exact)."""
+    scale = tl.load(scales_ptr + offs // CODE_BLOCK, mask=mask, other=0.0)
+    code = tl.where(mask, codes, 0.0).to(tl.int32)  # a masked lane's load is undefined: not an index
+    return tl.load(values_ptr + code, mask=mask, other=0.0) * scale
+
+
+@triton.jit
+def _encode(x, mask, codes_ptr, scales_ptr, offs, start, numel, thresholds_ptr, lut_ptr, BLOCK: tl.constexpr,
+            MASKED: tl.constexpr):
+    """Each code block's scale (max |x|) and the codes of x / scale (ALGORITHM.md "8-bit states"):
+    y's sign, exponent and top mantissa bits pick a lookup bucket, which holds the code of its
+    smallest y and at most one threshold, so one comparison finishes it (as the C kernel)."""
+    ax = tl.where(mask, tl.abs(x), 0.0)
+    a = tl.max(tl.reshape(ax, [BLOCK // CODE_BLOCK, CODE_BLOCK]), axis=1)
+    a_each = tl.reshape(tl.broadcast_to(a[:, None], [BLOCK // CODE_BLOCK, CODE_BLOCK]), [BLOCK])
+    y = tl.math.div_rn(x, tl.where(a_each == 0.0, 1.0, a_each))  # a = 0: every x is 0, y = 0
+    bits = y.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    e = tl.minimum(mag >> 23, 127)
+    k = tl.where(e < LUT_EXP_MIN, 0,
+                 ((e - LUT_EXP_MIN) << LUT_MANTISSA_BITS) | ((mag >> LUT_SHIFT) & LUT_MANTISSA_MASK))
+    k = k + tl.where(bits < 0, LUT_HALF, 0)
+    base = tl.load(lut_ptr + k)
+    code = (base + tl.where(tl.load(thresholds_ptr + base) < y, 1, 0)).to(tl.uint8)
+    if MASKED:
+        tl.store(codes_ptr, code, mask=mask)
+    else:
+        tl.store(codes_ptr, code)
+    block = start // CODE_BLOCK + tl.arange(0, BLOCK // CODE_BLOCK).to(tl.int64)
+    tl.store(scales_ptr + block, a, mask=block * CODE_BLOCK < numel)
 
 
 @triton.jit
@@ -156,7 +207,7 @@ def snr_adamw_kernel(
     lr, lr_ptr, grad_scale_ptr, found_inf_ptr, stats_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, rho, one_minus_rho,
     lb1_hi, lb1_lo, lb2_hi, lb2_lo, lrho_hi, lrho_lo,
-    eps, weight_decay, alpha, softness, gate_eps, warmup_steps,
+    eps, weight_decay, alpha, softness, gate_eps, warmup_steps, code_values_ptr, code_lut_ptr,
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, GATE: tl.constexpr, MAXIMIZE: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr, TRACK_STATS: tl.constexpr, BLOCK: tl.constexpr,
@@ -190,6 +241,16 @@ def snr_adamw_kernel(
         p, g, m, v, s = _load5(p_base + offs, g_base + offs, m_base + offs, v_base + offs, s_base + offs,
                                mask, True)
 
+    CODED: tl.constexpr = STATE_DTYPE == tl.uint8
+    if CODED:  # 8-bit states: code_values_ptr holds the signed then the unsigned table (values,
+        # thresholds; 256 each), code_lut_ptr the two lookup tables (codebook.kernel_buffer from
+        # its element 1024 on)
+        ms_ptr = tl.load(row + EXP_AVG_SCALES_ADDR).to(tl.pointer_type(tl.float32))
+        vs_ptr = tl.load(row + EXP_AVG_SQ_SCALES_ADDR).to(tl.pointer_type(tl.float32))
+        ss_ptr = tl.load(row + EXP_GRAD_VAR_SCALES_ADDR).to(tl.pointer_type(tl.float32))
+        m = _decode(m, ms_ptr, offs, mask, code_values_ptr)
+        v = _decode(v, vs_ptr, offs, mask, code_values_ptr + 512)
+        s = _decode(s, ss_ptr, offs, mask, code_values_ptr + 512)
     if HAS_GRAD_SCALE:
         g = g / tl.load(grad_scale_ptr).to(tl.float32)
     if MAXIMIZE:
@@ -213,7 +274,17 @@ def snr_adamw_kernel(
     p = p - (lr / bc1) * (q * m / denom)
 
     rand_offsets = offs + (t.to(tl.int64) << 40)
-    if hot:
+    if CODED:
+        if hot:
+            _store_param(tl.multiple_of(p_base, 16) + offs, p, mask, row + RNG_SEED, rand_offsets,
+                         STOCHASTIC_ROUNDING, False)
+        else:
+            _store_param(p_base + offs, p, mask, row + RNG_SEED, rand_offsets, STOCHASTIC_ROUNDING, True)
+        lut_unsigned = code_lut_ptr + 2 * LUT_HALF
+        _encode(m, mask, m_base + offs, ms_ptr, offs, start, numel, code_values_ptr + 256, code_lut_ptr, BLOCK, True)
+        _encode(v, mask, v_base + offs, vs_ptr, offs, start, numel, code_values_ptr + 768, lut_unsigned, BLOCK, True)
+        _encode(s, mask, s_base + offs, ss_ptr, offs, start, numel, code_values_ptr + 768, lut_unsigned, BLOCK, True)
+    elif hot:
         _store4(tl.multiple_of(p_base, 16) + offs, tl.multiple_of(m_base, 16) + offs,
                 tl.multiple_of(v_base, 16) + offs, tl.multiple_of(s_base, 16) + offs, p, m, v, s, mask,
                 row + RNG_SEED, rand_offsets, STOCHASTIC_ROUNDING, False)

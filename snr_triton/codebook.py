@@ -150,3 +150,22 @@ def lookup_code(y: Tensor, signed: bool) -> Tensor:
     k = k + torch.where(bits < 0, LUT_HALF, 0)
     b = base[k].long()
     return (b + (thresholds[b] < y).long()).to(torch.uint8)
+
+
+_kernel_buffers: dict[torch.device, Tensor] = {}
+
+
+def kernel_buffer(device: torch.device | str = "cpu") -> Tensor:
+    """The tables both fused kernels read, in one int32 buffer (floats by their bits), kept per
+    device: the signed then the unsigned table's 256 values and 256 thresholds (the last +inf),
+    then the two lookup tables of 2 * LUT_HALF codes each."""
+    device = torch.device(device)
+    buf = _kernel_buffers.get(device)
+    if buf is None:
+        parts = []
+        for signed in (True, False):
+            values, thresholds, _ = kernel_tables(signed)
+            parts += [values.view(torch.int32), thresholds.view(torch.int32)]
+        parts += [kernel_tables(signed)[2] for signed in (True, False)]
+        buf = _kernel_buffers[device] = torch.cat(parts).to(device)
+    return buf

@@ -27,7 +27,7 @@ from .param_states import BucketStates
 from .hyperparams import DEFAULT_HYPER, Hyper
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-               torch.int32: "i32"}
+               torch.int32: "i32", torch.uint8: "u8"}
 OPTIONS = ("maximize", "grad_scaler", "lr_tensor", "stochastic_rounding", "track_stats")
 
 
@@ -194,11 +194,14 @@ def resources(cubin: bytes) -> tuple[int, int, int]:
 
 def expected_wide_accesses(variant: Variant, block: int, num_warps: int) -> tuple[int, int]:
     """128-bit loads and stores one thread's fast path needs when all five streams (theta, g, m,
-    v, s) and four stores (theta, m, v, s) are full width."""
+    v, s) and four stores (theta, m, v, s) are full width. 8-bit states: theta and g (a thread's
+    codes of a state are 8 bytes, and its table lookups single words)."""
     per_thread = block // (32 * num_warps)
     p = 2 if variant.param_dtype in ("bf16", "fp16") else 4
-    s = 2 if variant.state_dtype == "bf16" else 4
     wide = lambda size: per_thread * size // 16  # noqa: E731
+    if variant.state_dtype == "u8":
+        return 2 * wide(p), wide(p)
+    s = 2 if variant.state_dtype == "bf16" else 4
     return 2 * wide(p) + 3 * wide(s), wide(p) + 3 * wide(s)
 
 

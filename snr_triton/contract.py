@@ -30,7 +30,7 @@ STATS = ("sum_q", "count_above", "sum_signal", "sum_noise")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)  # uint8: 8-bit states (snr_triton/codebook.py)
-TRITON_STATE_DTYPES = (torch.float32, torch.bfloat16)  # what the Triton kernel stores (8-bit: not yet)
+TRITON_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)  # what the Triton kernel stores
 CPU_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 # 8-bit states (snr_triton/codebook.py): one scale per CODE_BLOCK elements; the kernels find a code

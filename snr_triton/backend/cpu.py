@@ -37,19 +37,6 @@ _CONTRACT_ORDER = ("GATE_NONE", "GATE_SNR", "GATE_SOFT", "GATE_HARD", "ROW_PARAM
                    "ROW_EXP_AVG_SCALES_ADDR", "ROW_EXP_AVG_SQ_SCALES_ADDR", "ROW_EXP_GRAD_VAR_SCALES_ADDR",
                    "CODE_BLOCK", "LUT_EXP_MIN", "LUT_MANTISSA_BITS", "LUT_HALF")
 STATE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}  # the C kernel's STATE_F32, _BF16, _U8
-_codebook: list[Tensor] = []  # the 8-bit code tables as the C kernel reads them, made on first use
-
-
-def codebook_buffer() -> Tensor:
-    """kernel_tables(signed) then kernel_tables(unsigned), in one int32 buffer (floats by their bits)."""
-    if not _codebook:
-        parts = []
-        for signed in (True, False):
-            values, thresholds, _ = codebook.kernel_tables(signed)
-            parts += [values.view(torch.int32), thresholds.view(torch.int32)]
-        parts += [codebook.kernel_tables(signed)[2] for signed in (True, False)]
-        _codebook.append(torch.cat(parts).contiguous())
-    return _codebook[0]
 
 _library: ctypes.CDLL | None = None
 _library_error: str | None = None
@@ -171,7 +158,7 @@ def launch(job: fused_op.Launch) -> None:
         ctypes.byref(c_hyper), GATE_IDS[job.gate], int(job.maximize), int(job.bucket.dtype == torch.bfloat16),
         kind, partials.data_ptr() if partials is not None else None,
         torch.get_num_threads() if table.numel >= PARALLEL_MIN else 1,
-        codebook_buffer().data_ptr() if kind == STATE_KINDS[torch.uint8] else None)
+        codebook.kernel_buffer().data_ptr() if kind == STATE_KINDS[torch.uint8] else None)
     if done != 0:
         raise RuntimeError(f"the C kernel refused its arguments (8-bit states need a chunk of whole {codebook.BLOCK}-"
                            "element blocks and the code tables)")

@@ -16,7 +16,7 @@ import struct
 import torch
 from torch import Tensor
 
-from .. import fused_op
+from .. import codebook, fused_op
 from ..contract import TRITON_STATE_DTYPES, GATE_IDS, TRITON_DTYPES
 from ..hyperparams import Hyper
 from ..param_states import BucketStates, Slot
@@ -92,7 +92,8 @@ def _log(beta: float) -> float:
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+            torch.uint8: tl.uint8}[dtype]
 
 
 def launch(job: fused_op.Launch) -> None:
@@ -107,6 +108,8 @@ def launch(job: fused_op.Launch) -> None:
     if table.num_blocks:
         lb1, lb2, lrho = (_split_f32(_log(b)) for b in (job.beta1, job.beta2, job.rho))
         dummy = steps
+        coded = job.bucket.state_dtype == torch.uint8
+        tables = codebook.kernel_buffer(dev) if coded else None
         kernel_module().snr_adamw_kernel[(table.num_blocks,)](
             table.rows, table.block_tensor, steps,
             job.lr, job.lr_tensor if job.lr_tensor is not None else dummy,
@@ -115,6 +118,7 @@ def launch(job: fused_op.Launch) -> None:
             partials if partials is not None else dummy,
             job.beta1, 1.0 - job.beta1, job.beta2, 1.0 - job.beta2, job.rho, 1.0 - job.rho, *lb1, *lb2, *lrho,
             job.eps, job.weight_decay, job.alpha, job.softness, job.gate_eps, job.warmup_steps,
+            tables.view(torch.float32) if coded else dummy, tables[1024:] if coded else dummy,  # values, lookups
             PARAM_DTYPE=_tl_dtype(job.bucket.dtype), STATE_DTYPE=_tl_dtype(job.bucket.state_dtype),
             GATE=GATE_IDS[job.gate], MAXIMIZE=job.maximize,
             LR_IS_TENSOR=job.lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
