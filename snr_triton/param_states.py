@@ -28,7 +28,6 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_grad_var")
 SIGNED = (True, False, False)  # which 8-bit code table each state uses (m signed; v, s unsigned)
 # 8-bit states (state_dtype=torch.uint8) show under these keys: what is stored, not a decoded copy
 CODES, SCALES = "_codes", "_scales"
-CODED_KEYS = tuple(k + suffix for k in STATE_KEYS for suffix in (CODES, SCALES))
 
 _dtensor: list = []  # [DTensor or None], filled on first use: importing it costs ~0.1 s
 

@@ -5,7 +5,6 @@ from the same codes, checkpoints bit-exact and converted from and to float state
 
 import copy
 import io
-import logging
 import math
 
 import pytest
@@ -424,50 +423,6 @@ def test_decoded_state_is_the_float_value_of_the_codes():
         exact = codebook.table(SIGNED[key]).double()[codes.long().reshape(-1)] * scales.double().repeat_interleave(256)[:300]
         assert decoded[key].shape == p.shape and torch.equal(decoded[key].reshape(-1), exact.float())
     assert decoded["step"] == 1
-
-
-@pytest.mark.parametrize("backend", BACKENDS_8BIT)
-def test_a_compiled_step_with_8bit_states_equals_eager_and_skips_on_device(backend):
-    """fullgraph (no graph break, no host read), clipping on; a non-finite grad changes nothing:
-    the skip is decided on the device, codes and scales kept where found_inf is set."""
-    torch._dynamo.reset()
-    torch._logging.set_logs(dynamo=logging.ERROR)
-    try:
-        torch.manual_seed(10)
-        model = torch.nn.Linear(12, 9)
-        twin = copy.deepcopy(model)
-        opts = [SNRAdamW(m.parameters(), lr=torch.tensor(1e-2), state_dtype=torch.uint8, max_grad_norm=0.5,
-                         backend=backend, track_stats=True) for m in (model, twin)]
-
-        def backward(m, k):
-            m.zero_grad()
-            m(torch.randn(4, 12, generator=torch.Generator().manual_seed(k))).pow(2).sum().backward()
-
-        for m, o in zip((model, twin), opts):
-            backward(m, 0)
-            o.step()
-        compiled = torch.compile(opts[0].step, backend="aot_eager", fullgraph=True)
-        for k in (1, 2, 3):
-            backward(model, k)
-            backward(twin, k)
-            if k == 2:
-                before = [p.detach().clone() for p in model.parameters()]
-                states = [{key: v.clone() for key, v in opts[0].state[p].items()} for p in model.parameters()]
-                model.weight.grad[0, 0] = float("nan")
-                twin.weight.grad[0, 0] = float("nan")
-            compiled()
-            opts[1].step()
-            if k == 2:
-                for p, b, st in zip(model.parameters(), before, states):
-                    assert torch.equal(p.detach(), b)
-                    for key, value in st.items():
-                        assert torch.equal(opts[0].state[p][key], value), key
-        for a, b in zip(model.parameters(), twin.parameters()):
-            assert torch.equal(a, b)
-            for key, value in opts[0].state[a].items():
-                assert torch.equal(value, opts[1].state[b][key]), key
-    finally:
-        torch._dynamo.reset()
 
 
 def test_bad_state_dtypes_and_bad_8bit_checkpoints_are_refused_and_change_nothing():

@@ -214,16 +214,18 @@ def test_finite_grads_whose_squares_overflow_float32_are_clipped_not_skipped(bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_compiled_step_with_clipping_equals_eager_and_skips_on_device(backend):
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.uint8], ids=["fp32_states", "8bit_states"])
+def test_a_compiled_step_with_clipping_equals_eager_and_skips_on_device(backend, state_dtype):
     """Compiled (aot_eager, fullgraph: no host read of the norm or found_inf), a clipping step
-    equals the uncompiled one, and a non-finite grad changes nothing (the eager backend then
+    equals the uncompiled one, and a non-finite grad changes nothing, 8-bit codes and scales
+    included (the eager backend then
     decides on the device: its step works on copies and stores only where found_inf is 0)."""
     torch._dynamo.reset()
     torch._logging.set_logs(dynamo=logging.ERROR)
     try:
         model, twin = models()
         opts = [SNRAdamW(m.parameters(), lr=torch.tensor(1e-2, device=DEVICE), backend=backend, max_grad_norm=0.05,
-                         track_stats=True, alpha=0.5) for m in (model, twin)]
+                         track_stats=True, alpha=0.5, state_dtype=state_dtype) for m in (model, twin)]
         for m, o in zip((model, twin), opts):
             backward(m, 0)
             o.step()

@@ -44,20 +44,26 @@ def twin_from(opt, params, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_changing_state_dtype_between_steps_migrates_the_states(backend):
-    shapes = [(40,), (3, 7)]
+@pytest.mark.parametrize("before,after", [(torch.float32, torch.bfloat16), (torch.float32, torch.uint8),
+                                          (torch.uint8, torch.float32)], ids=["to_bf16", "to_8bit", "from_8bit"])
+def test_changing_state_dtype_between_steps_migrates_the_states(backend, before, after):
+    """A group's state_dtype edited between steps: the states move over as a checkpoint would
+    load them (rounded, encoded or decoded), against a twin loaded from a state dict."""
+    shapes = [(300,), (3, 7)]
     params = params_of(shapes)
     grads = stream(shapes, 6)
-    opt = SNRAdamW(params, backend=backend, **HP)
+    opt = SNRAdamW(params, backend=backend, state_dtype=before, **HP)
     train(opt, params, grads[:3])
-    twin, copies = twin_from(opt, params, state_dtype=torch.bfloat16)
-    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+    twin, copies = twin_from(opt, params, state_dtype=after)
+    opt.param_groups[0]["state_dtype"] = after
     train(opt, params, grads[3:])
     train(twin, copies, grads[3:])
     for p, c in zip(params, copies):
-        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+        keys = ["step"] + [k + ("_codes" if after == torch.uint8 else "") for k in
+                           ("exp_avg", "exp_avg_sq", "exp_grad_var")]
+        assert opt.state[p][keys[1]].dtype == after
         assert torch.equal(p, c)
-        for key in ("exp_avg", "exp_avg_sq", "exp_grad_var", "step"):
+        for key in keys:
             assert torch.equal(opt.state[p][key], twin.state[c][key]), key
 
 
