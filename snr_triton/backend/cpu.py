@@ -56,7 +56,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -
     if hyper.stochastic_rounding:
         return "it has no stochastic rounding; use backend='eager' or 'auto'"
     if hyper.state_dtype not in CPU_STATE_DTYPES:
-        return f"it has no {hyper.state_dtype} (8-bit) states yet; use backend='eager' or 'auto'"
+        return f"it stores no {hyper.state_dtype} states; use backend='eager' or 'auto'"
     try:
         load_library()
     except RuntimeError as e:

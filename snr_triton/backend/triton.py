@@ -44,7 +44,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, hyper: Hyper) -
         return (f"the kernel supports {', '.join(map(str, TRITON_DTYPES))} params; "
                 f"use backend='eager' or 'auto' for {dtype}")
     if hyper.state_dtype not in TRITON_STATE_DTYPES:
-        return f"the kernel has no {hyper.state_dtype} (8-bit) states yet; use backend='eager' or 'auto'"
+        return f"the kernel stores no {hyper.state_dtype} states; use backend='eager' or 'auto'"
     return None
 
 
