@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from . import codebook
 from .optimizer import SNRAdamW
 
 CPU_SIZES = (1 << 20, 16 << 20, 64 << 20)
@@ -93,7 +94,7 @@ def _bytes(impl: str, numel: int, dtype: torch.dtype) -> int:
         return numel * (2 * p + p + 2 * 2 * p + clip)  # read p, g, m, v; write p, m, v (states in p's dtype)
     clip = p if "max_grad_norm" in impl else 0
     if "8-bit state" in impl:  # codes, and a float32 scale per 256 elements, of each of m, v, s
-        return numel * (2 * p + p + clip) + 2 * 3 * (numel + 4 * -(-numel // 256))
+        return numel * (2 * p + p + clip) + 2 * 3 * (numel + 4 * codebook.blocks(numel))
     s = 2 if "bf16 state" in impl else 4
     return numel * (2 * p + p + 2 * 3 * s + clip)  # read p, g, m, v, s; write p, m, v, s
 

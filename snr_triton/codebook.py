@@ -76,10 +76,9 @@ def _per_element(scales: Tensor, numel: int) -> Tensor:
     return scales.repeat_interleave(BLOCK)[:numel]
 
 
-def decode(codes: Tensor, scales: Tensor, signed: bool, out: Tensor | None = None) -> Tensor:
+def decode(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
     """float32 values of a coded state, laid out like `codes` (dense)."""
-    if out is None:
-        out = torch.empty_like(codes, dtype=torch.float32)
+    out = torch.empty_like(codes, dtype=torch.float32)
     values = table(signed, codes.device)[flat(codes).long()] * _per_element(scales, codes.numel())
     flat(out).copy_(values)
     return out
