@@ -71,7 +71,8 @@ def make_optimizer(name: str, model, args):
     lr = torch.tensor(args.lr)  # a tensor lr: the compiled step does not recompile when it changes
     if name == "AdamW":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    return SNRAdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), track_stats=True)
+    return SNRAdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), track_stats=True,
+                    state_dtype=getattr(torch, args.state_dtype))
 
 
 def held_out_loss(model, held, args, device, rank, world) -> float:
@@ -144,6 +145,8 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (loss, gate) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, color in (("AdamW", "tab:blue"), ("SNRAdamW", "tab:orange")):
+        if name not in results:
+            continue
         r = results[name]
         loss.plot(r["step"], r["train"], "--", color=color, label=f"{name} train")
         loss.plot(r["step"], r["held"], "-", color=color, label=f"{name} held out")
@@ -152,8 +155,8 @@ def plot(results: dict, path: Path) -> None:
     loss.set_title("Llama on the Python standard library, bytes")
     loss.legend()
     loss.grid(alpha=0.3)
-    r = results["SNRAdamW"]
-    gate.plot(r["step"], r["gate"], color="tab:orange")
+    if "SNRAdamW" in results:
+        gate.plot(results["SNRAdamW"]["step"], results["SNRAdamW"]["gate"], color="tab:orange")
     gate.set_xlabel("step")
     gate.set_ylabel("mean gate q")
     gate.set_title("SNRAdamW monitor (opt.stats())")
@@ -179,6 +182,9 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend, or none")
     parser.add_argument("--skip-resume", action="store_true",
                         help="train each optimizer once (no halfway checkpoint and resume check)")
+    parser.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16", "uint8"],
+                        help="SNRAdamW's state dtype (uint8: 8-bit states)")
+    parser.add_argument("--optimizers", nargs="+", default=["AdamW", "SNRAdamW"], choices=["AdamW", "SNRAdamW"])
     parser.add_argument("--out", default="llm-run")
     args = parser.parse_args()
     if args.quick:
@@ -197,7 +203,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
     train_data, held = corpus(args.corpus_bytes)
     results, exact = {}, {}
-    for name in ("AdamW", "SNRAdamW"):
+    for name in args.optimizers:
         ckpt = str(out / f"ckpt-{name}-seed{args.seed}")
         results[name] = train(name, args, train_data, held, device, rank, world, args.steps, None, None)
         if args.skip_resume:

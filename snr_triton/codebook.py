@@ -47,15 +47,32 @@ _MIDPOINTS = {signed: _build_midpoints(_TABLES[signed]) for signed in (True, Fal
 _ZERO_CODES = {signed: int((_TABLES[signed] == 0).nonzero()[0]) for signed in (True, False)}
 
 
+_on_device: dict[tuple, Tensor] = {}  # (which table, signed, device) -> the table there
+
+
+def _there(which: dict[bool, Tensor], signed: bool, device: torch.device | str) -> Tensor:
+    """A table on `device`, copied there once (not on every decode and encode of the eager
+    backend). Compiled code copies its own constant instead: a global cache written while tracing
+    would be a side effect."""
+    device = torch.device(device)
+    if device.type == "cpu" or torch.compiler.is_compiling():
+        return which[signed].to(device)
+    key = (id(which), signed, device)
+    found = _on_device.get(key)
+    if found is None:
+        found = _on_device[key] = which[signed].to(device)
+    return found
+
+
 def table(signed: bool, device: torch.device | str = "cpu") -> Tensor:
     """The 256 float32 values the codes stand for, ascending (code k -> table[k])."""
-    return _TABLES[signed].to(device)
+    return _there(_TABLES, signed, device)
 
 
 def midpoints(signed: bool, device: torch.device | str = "cpu") -> Tensor:
     """The 255 float32 thresholds: code(y) = number of thresholds < y (so a tie goes to the lower
     code); exact for float32 y because each is the largest float32 not above its midpoint."""
-    return _MIDPOINTS[signed].to(device)
+    return _there(_MIDPOINTS, signed, device)
 
 
 def zero_code(signed: bool) -> int:

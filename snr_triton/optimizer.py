@@ -27,7 +27,8 @@ from . import backend, codebook
 from .contract import STATS
 from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, validate_group, validate_runtime
 from .param_states import (CODES, SCALES, STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real,
-                           is_dense, is_dtensor, like_param, local, real_dtype, rng_seed)
+                           is_dense, is_dtensor, like_param, local, local_scales, real_dtype, rng_seed,
+                           scales_layout)
 
 # Keys of torch.optim.AdamW groups that have no meaning here.
 ADAMW_ONLY_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
@@ -146,7 +147,6 @@ class SNRAdamW(Optimizer):
                                  f"param {seen[id(p)]} of that group: each param may appear once (it would be "
                                  "stepped twice)")
             seen[id(p)] = i
-            _check_8bit_placement(p, hyper, f" (param {i} of param group {len(self.param_groups)})")
             self._choose(merged["backend"], p.device, real_dtype(p), hyper, where)
         super().add_param_group({**param_group, "params": params})
         self.param_groups[-1].pop("max_grad_norm", None)
@@ -429,7 +429,6 @@ class SNRAdamW(Optimizer):
                              "once (it would be stepped twice)")
         real = as_real(p)
         group = self.param_groups[gi]
-        _check_8bit_placement(p, hyper, where)
         self._choose(group["backend"], real.device, real_dtype(p), hyper, f" (param group {gi})")
         entry = self.state.get(p)
         slot = self._slots.get(p)  # by param: the list by position may be stale
@@ -548,12 +547,6 @@ class SNRAdamW(Optimizer):
         if per_param:
             out["params"] = {name: _stats_dict(row) for name, row in names.items()}
         return out
-
-
-def _check_8bit_placement(p: Tensor, hyper: Hyper, where: str) -> None:
-    if hyper.state_dtype == torch.uint8 and is_dtensor(p):
-        raise ValueError(f"state_dtype=torch.uint8 (8-bit states) is not supported for DTensor params (FSDP2, "
-                         f"tensor parallel) yet{where}; use torch.float32 or torch.bfloat16 states there")
 
 
 def _check_max_grad_norm(value: Any) -> None:
@@ -690,8 +683,9 @@ def _check_codes(p: Tensor, st: dict, key: str, name: str) -> None:
         raise ValueError(f"state {key + CODES!r} of {name} must be a dense uint8 tensor of its param's shape "
                          f"{tuple(real.shape)}, got {codes.dtype} {tuple(codes.shape)}")
     n = codebook.blocks(real.numel())
-    if scales.dtype != torch.float32 or scales.shape != (n,):
-        raise ValueError(f"state {key + SCALES!r} of {name} must be float32 of shape ({n},) (one scale per "
+    if scales.dtype != torch.float32 or local_scales(scales, n) is None:
+        laid_out = f"laid out by scales_layout, {tuple(scales_layout(p)[0])}" if is_dtensor(p) else f"({n},)"
+        raise ValueError(f"state {key + SCALES!r} of {name} must be float32 of shape {laid_out} (one scale per "
                          f"{codebook.BLOCK} elements), got {scales.dtype} {tuple(scales.shape)}")
 
 

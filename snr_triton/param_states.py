@@ -72,9 +72,57 @@ def like_param(real: Tensor, p: Tensor) -> Tensor:
     if p.is_complex() and real.dtype in (torch.float32, torch.float64):
         real = torch.view_as_complex(real)
     if is_dtensor(p):
+        shape, stride = p.shape, p.stride()
+        if real.dim() == p.dim() + 1:  # the real view of a complex param's shard: (..., 2)
+            shape, stride = (*shape, 2), (*(2 * st for st in stride), 1)
         real = _dtensor_class().from_local(real, p.device_mesh, p.placements, run_check=False,
-                                           shape=p.shape, stride=p.stride())
+                                           shape=shape, stride=stride)
     return real
+
+
+def scales_layout(p: Tensor) -> tuple[tuple[int, ...], list]:
+    """How a DTensor param's 8-bit scales are shown, so distributed checkpointing can save them.
+
+    Each rank's blocks cover its own local shard (a block never spans two shards), so scales are
+    per rank: a tensor with one dim per mesh dim (the mesh dim's size, sharded over it, where the
+    param is sharded; 1, replicated, where it is replicated) and a last dim holding the blocks of
+    the largest local shard a rank can hold (torch.chunk's split, as FSDP2 and DTensor use); a
+    smaller shard leaves the rest of its row zero."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, sizes, placements, split = p.device_mesh, [], [], {}
+    for j, placement in enumerate(p.placements):
+        if placement.is_shard():
+            sizes.append(mesh.size(j))
+            placements.append(Shard(j))
+            split[placement.dim] = split.get(placement.dim, 1) * mesh.size(j)
+        else:
+            sizes.append(1)
+            placements.append(Replicate())
+    largest = 2 if p.is_complex() else 1
+    for d, size in enumerate(p.shape):
+        largest *= -(-size // split.get(d, 1))
+    return (*sizes, codebook.blocks(largest)), placements
+
+
+def like_scales(held: Tensor, p: Tensor, layout: tuple | None) -> Tensor:
+    """A param's 8-bit scales as the user sees them: the 1-D block scales, or for a DTensor param
+    its rank's row of the `scales_layout` DTensor."""
+    if layout is None:
+        return held
+    shape, placements = layout
+    row = held.view(*(1,) * (len(shape) - 1), shape[-1])
+    stride = torch.empty(shape, device="meta").stride()
+    return _dtensor_class().from_local(row, p.device_mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def local_scales(scales: Tensor, blocks: int) -> Tensor | None:
+    """The scales of a local shard's `blocks` blocks from a checkpoint's scales (1-D, or a DTensor
+    laid out by `scales_layout`); None when they do not hold that many."""
+    if is_dtensor(scales):
+        row = scales.to_local().reshape(-1)
+        return row[:blocks] if row.numel() >= blocks else None
+    return scales if scales.shape == (blocks,) else None
 
 
 def is_dense(t: Tensor) -> bool:
@@ -182,7 +230,7 @@ class Slot:
     is unedited and the param's layout is the one recorded."""
 
     __slots__ = ("param", "bucket", "index", "dtype", "device", "device_index", "shape", "stride", "plain",
-                 "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "scales", "entry",
+                 "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "scales", "held", "layout", "entry",
                  "step", "seed", "stand_in", "edited")
 
     def __init__(self, param: Tensor, bucket: "BucketStates", index: int, seed: int):
@@ -206,8 +254,17 @@ class Slot:
                               for z in zeros)
         else:
             self.real = tuple(torch.full(r.shape, z, dtype=sdt, device=r.device) for z in zeros)
-        self.scales = tuple(torch.zeros(codebook.blocks(self.numel), dtype=torch.float32, device=r.device)
-                            for _ in STATE_KEYS) if coded else None
+        # 8-bit scales: `held` the tensors shown (a DTensor param's padded to `layout`, the same
+        # size on every rank), `scales` the views of its blocks that the kernels walk
+        self.layout = scales_layout(param) if coded and is_dtensor(param) else None
+        blocks = codebook.blocks(self.numel)
+        held = self.layout[0][-1] if self.layout else blocks
+        if blocks > held:
+            raise RuntimeError(f"a local shard of {self.numel} elements is larger than its placements allow "
+                               f"({held} blocks): a DTensor layout this package does not know")
+        self.held = tuple(torch.zeros(held, dtype=torch.float32, device=r.device)
+                          for _ in STATE_KEYS) if coded else None
+        self.scales = tuple(t[:blocks] for t in self.held) if coded else None
         self.entry: StateEntry = StateEntry()
         self.step: Tensor | None = None
 
@@ -224,7 +281,7 @@ class Slot:
                 dict.__setitem__(entry, key, like_param(t, self.param))
             else:
                 dict.__setitem__(entry, key + CODES, like_param(t, self.param))
-                dict.__setitem__(entry, key + SCALES, self.scales[i])
+                dict.__setitem__(entry, key + SCALES, like_scales(self.held[i], self.param, self.layout))
         entry.owner = self
         self.entry = entry
         self.step = entry["step"]
@@ -253,7 +310,8 @@ class Slot:
         given = {}  # the values of the states given, where they were not copied bit for bit
         for i, key in enumerate(STATE_KEYS):
             if key + CODES in old and key + SCALES in old:  # 8-bit states
-                codes, scales = as_real(old[key + CODES]), old[key + SCALES]
+                codes = as_real(old[key + CODES])
+                scales = local_scales(old[key + SCALES], codebook.blocks(codes.numel()))
                 if self.scales is not None and codes.stride() == self.real[i].stride():
                     self.real[i].copy_(codes)  # the same blocks: resumed bit for bit
                     self.scales[i].copy_(scales)

@@ -14,6 +14,7 @@ from conftest import DEVICE
 from snr_triton import SNRAdamW, codebook, reference
 from snr_triton.backend import available, get
 from snr_triton.hyperparams import Hyper, DEFAULTS, RUNTIME_DEFAULTS
+from snr_triton.param_states import local
 
 KEYS = ("exp_avg", "exp_avg_sq", "exp_grad_var")
 SIGNED = {"exp_avg": True, "exp_avg_sq": False, "exp_grad_var": False}
@@ -51,6 +52,17 @@ def test_the_code_tables_are_the_dynamic_maps_of_their_definition(signed):
 def test_the_code_tables_equal_bitsandbytes_create_dynamic_map(signed):
     functional = pytest.importorskip("bitsandbytes.functional")  # the test extra installs it
     assert torch.equal(codebook.table(signed), functional.create_dynamic_map(signed, 7, 8))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_tables_are_copied_to_an_accelerator_once_not_on_every_call(signed):
+    """The eager backend decodes and encodes with `table` and `midpoints` every step: on a device
+    other than the CPU each is copied there once ("meta" stands in for a GPU here)."""
+    for get_table in (codebook.table, codebook.midpoints):
+        first = get_table(signed, "meta")
+        assert first.device.type == "meta" and first.shape == get_table(signed).shape
+        assert get_table(signed, torch.device("meta")) is first
+    assert codebook.table(signed, "meta") is not codebook.table(not signed, "meta")
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -468,26 +480,60 @@ def test_a_checkpoint_of_another_layout_is_decoded_in_its_blocks_and_encoded_in_
         assert (other.state[contiguous][key + "_codes"] != codes).sum() <= 2
 
 
-def test_dtensor_params_with_8bit_states_are_refused_naming_the_choice(tmp_path):
-    """FSDP2 / tensor-parallel params: 8-bit states are not supported for them yet, said up front
-    (a one-rank process group in this process)."""
+def test_a_dtensor_param_with_8bit_states_steps_as_its_local_shard_and_shows_its_scales_per_rank(tmp_path):
+    """FSDP2 / tensor-parallel params (a one-rank process group in this process; two ranks in
+    tests/test_distributed.py): the codes are a DTensor like the param, the scales one row per rank,
+    the values those of a plain param; switching state_dtype later migrates them; a checkpoint's
+    scales that are not laid out so are refused by name."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"state_dtype=torch.uint8 .*DTensor params.*float32 or torch.bfloat16"):
-            SNRAdamW([p], state_dtype=torch.uint8)
-        opt = SNRAdamW([p])  # float states: fine
-        opt.param_groups[0]["state_dtype"] = torch.uint8  # switched later: refused at the step, nothing changed
-        p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
-        before = p.detach().full_tensor().clone()
-        with pytest.raises(ValueError, match="DTensor params"):
+        gen = torch.Generator().manual_seed(3)
+        full, grads = torch.randn(40, 16, generator=gen), [torch.randn(40, 16, generator=gen) for _ in range(3)]
+        z, zgrads = torch.randn(6, 5, 2, generator=gen), [torch.randn(6, 5, 2, generator=gen) for _ in range(3)]
+        p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+        c = torch.nn.Parameter(distribute_tensor(torch.view_as_complex(z.clone()), mesh, [Shard(0)]))
+        plain, plain_c = torch.nn.Parameter(full.clone()), torch.nn.Parameter(torch.view_as_complex(z.clone()))
+        opt = SNRAdamW([p, c], state_dtype=torch.uint8, **HP)
+        twin = SNRAdamW([plain, plain_c], state_dtype=torch.uint8, **HP)
+        for g, zg in zip(grads, zgrads):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            c.grad = distribute_tensor(torch.view_as_complex(zg.clone()), mesh, [Shard(0)])
+            plain.grad, plain_c.grad = g.clone(), torch.view_as_complex(zg.clone())
             opt.step()
-        assert torch.equal(p.detach().full_tensor(), before) and not opt.state[p]
+            twin.step()
+        assert torch.equal(p.detach().full_tensor(), plain.detach())
+        assert torch.equal(c.detach().full_tensor(), plain_c.detach())
+        codes = opt.state[c]["exp_avg_codes"]  # a complex param's codes: its real view, (..., 2)
+        assert codes.shape == (6, 5, 2) and torch.equal(codes.full_tensor(), twin.state[plain_c]["exp_avg_codes"])
+        for key in KEYS:
+            codes, scales = opt.state[p][key + "_codes"], opt.state[p][key + "_scales"]
+            assert isinstance(codes, DTensor) and codes.placements == p.placements
+            assert torch.equal(codes.full_tensor(), twin.state[plain][key + "_codes"])
+            assert isinstance(scales, DTensor) and scales.shape == (1, 3)  # 640 elements: 3 blocks
+            assert torch.equal(scales.to_local()[0], twin.state[plain][key + "_scales"])
+        saved = opt.state_dict()
+        bad = {**saved["state"][0], "exp_avg_scales": twin.state[plain]["exp_avg_scales"][:2]}
+        before = opt.state_dict()
+        with pytest.raises(ValueError, match=r"'exp_avg_scales'.*float32 of shape laid out by scales_layout, \(1, 3\)"):
+            opt.load_state_dict({**saved, "state": {**saved["state"], 0: bad}})
+        after = opt.state_dict()
+        assert all(torch.equal(local(after["state"][0][k]), local(v)) for k, v in before["state"][0].items())
+        opt.param_groups[0]["state_dtype"] = torch.bfloat16  # decoded at the next step, as for a plain param
+        twin.param_groups[0]["state_dtype"] = torch.bfloat16
+        p.grad = distribute_tensor(grads[0].clone(), mesh, [Shard(0)])
+        c.grad = distribute_tensor(torch.view_as_complex(zgrads[0].clone()), mesh, [Shard(0)])
+        plain.grad, plain_c.grad = grads[0].clone(), torch.view_as_complex(zgrads[0].clone())
+        opt.step()
+        twin.step()
+        assert torch.equal(opt.state[p]["exp_avg"].full_tensor(), twin.state[plain]["exp_avg"])
+        assert torch.equal(p.detach().full_tensor(), plain.detach())
+        shown = opt.state[c]["exp_avg"]  # bf16 states of a complex param: the real view too
+        assert shown.shape == (6, 5, 2) and torch.equal(shown.full_tensor(), twin.state[plain_c]["exp_avg"])
     finally:
         dist.destroy_process_group()
 

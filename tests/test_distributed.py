@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import BACKENDS
-from snr_triton import SNRAdamW
+from snr_triton import SNRAdamW, codebook
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -140,6 +140,87 @@ def _fsdp(rank, port, backend, out, ckpt, phase):
     _finish()
 
 
+def make_8bit_model():
+    """Shards of 320 elements (a block of 256 and one of 64 on each rank), uneven ones (7 rows: 4
+    on rank 0, 3 on rank 1: 2 blocks and 1), and shards smaller than a block."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 80), torch.nn.Tanh(), torch.nn.Linear(80, 7))
+
+
+def full_batches():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 8, generator=gen), torch.randn(8, 7, generator=gen)) for _ in range(STEPS)]
+
+
+def _coded(opt, params):
+    """Each param's 8-bit states: local codes and scales, and the global shape the scales show."""
+    out = []
+    for p in params:
+        st = opt.state[p]
+        out.append({k: (v.to_local().clone(), tuple(v.shape)) if hasattr(v, "to_local") else v.clone()
+                    for k, v in st.items() if k != "step"})
+    return out
+
+
+def _fsdp_8bit(rank, port, backend, out, ckpt, phase):
+    """FSDP2 with 8-bit states, every rank on the whole batch (so the reduce-scattered grads are
+    the single process's exactly); phase 'straight' saves a DCP checkpoint after half the steps,
+    'resume' loads it and finishes."""
+    from torch.distributed.checkpoint import load, save
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, port)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = make_8bit_model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = SNRAdamW(model.parameters(), backend=backend, state_dtype=torch.uint8, **HP)
+    half, start = STEPS // 2, 0
+    if phase == "resume":
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        load(state, checkpoint_id=ckpt)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        start = half
+    for k, (x, y) in enumerate(full_batches()[start:], start):
+        if phase == "straight" and k == half:
+            save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=ckpt)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    params = list(model.parameters())
+    full = {k: v.full_tensor().detach() for k, v in model.state_dict().items()}
+    torch.save({"params": full, "states": _coded(opt, params), "steps": [opt.state[p]["step"].item() for p in params]},
+               f"{out}.{rank}")
+    _finish()
+
+
+def sharded_in_one_process(backend):
+    """The truth for FSDP2 with 8-bit states: one process, each param's torch.chunk shards stepped
+    as params of their own (a block never spans two shards), the whole param put back together for
+    the next forward."""
+    model = make_8bit_model()
+    params = list(model.parameters())
+    pieces = [[torch.nn.Parameter(c.clone()) for c in p.detach().chunk(WORLD)] for p in params]
+    opt = SNRAdamW([q for ps in pieces for q in ps], backend=backend, state_dtype=torch.uint8, **HP)
+    for x, y in full_batches():
+        model.zero_grad()
+        loss_fn(model, x, y).backward()
+        for p, ps in zip(params, pieces):
+            for q, g in zip(ps, p.grad.chunk(WORLD)):
+                q.grad = g.clone()
+        opt.step()
+        with torch.no_grad():
+            for p, ps in zip(params, pieces):
+                p.copy_(torch.cat([q.detach() for q in ps]))
+    return {k: v.detach() for k, v in model.state_dict().items()}, [_coded(opt, ps) for ps in pieces]
+
+
 def _zero(rank, port, backend, out, phase, ckpt):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -199,6 +280,40 @@ def test_fsdp2_matches_single_process_and_resumes_bit_for_bit(backend, tmp_path)
     assert a["steps"] == b["steps"] == [float(STEPS)] * len(a["steps"])
     for k in a["params"]:
         assert torch.equal(a["params"][k], b["params"][k]), k
+
+
+@pytest.mark.parametrize("backend", DIST_BACKENDS)
+def test_fsdp2_with_8bit_states_equals_its_shards_stepped_in_one_process_and_resumes_bit_for_bit(backend, tmp_path):
+    """Issue 22: codes sharded like the params, each rank's blocks over its own shard, the scales a
+    DTensor of one row per rank (padded to the largest shard's blocks) that DCP saves and loads."""
+    ckpt = str(tmp_path / "ckpt")
+    straight, resumed = tmp_path / "straight.pt", tmp_path / "resumed.pt"
+    spawn(_fsdp_8bit, backend, str(straight), ckpt, "straight")
+    spawn(_fsdp_8bit, backend, str(resumed), ckpt, "resume")
+    expected, shards = sharded_in_one_process(backend)
+    runs = {name: [torch.load(f"{path}.{r}") for r in range(WORLD)] for name, path in
+            (("straight", straight), ("resumed", resumed))}
+    for rank in range(WORLD):
+        a, b = runs["straight"][rank], runs["resumed"][rank]
+        assert a["steps"] == b["steps"] == [float(STEPS)] * len(a["steps"])
+        assert max_diff(a["params"], expected) <= 1e-6  # FSDP2's grads: the single process's to a rounding
+        for k in expected:
+            assert torch.equal(b["params"][k], a["params"][k]), k
+        for i, (got, again) in enumerate(zip(a["states"], b["states"])):
+            want = shards[i][rank]
+            largest = codebook.blocks(shards[i][0]["exp_avg_codes"].numel())  # rank 0's shard is the largest
+            for key, (held, shape) in got.items():
+                assert torch.equal(again[key][0], held), (i, key)  # resumed bit for bit
+                if key.endswith("_codes"):  # a grad's rounding may move a value across a code midpoint
+                    apart = (held.int() - want[key].int()).abs()
+                    assert apart.max() <= 1 and (apart > 0).float().mean() <= 0.01, (i, key)
+                else:  # one row per rank, as long as the largest shard's blocks; the rest zero
+                    assert shape == (WORLD, largest) and held.shape == (1, largest), (i, key)
+                    n = want[key].numel()
+                    torch.testing.assert_close(held[0, :n], want[key], rtol=1e-5, atol=0)
+                    assert not held[0, n:].any(), (i, key)
+    moved = sum((runs["straight"][0]["params"][k] != make_8bit_model().state_dict()[k]).sum() for k in expected)
+    assert moved > 0
 
 
 def test_zero_redundancy_optimizer_trains_and_checkpoints(tmp_path):

@@ -189,9 +189,11 @@ def test_lightning_trains_logs_checkpoints_and_resumes(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_train_llm_quick_with_two_ranks(tmp_path):
+@pytest.mark.parametrize("state_dtype", ["float32", "uint8"])
+def test_train_llm_quick_with_two_ranks(state_dtype, tmp_path):
     """bench/train_llm.py --quick under torchrun: FSDP2, torch.compile, bf16 autocast, DCP
-    checkpoint and resume (which must end exactly where the straight run ends), both optimizers."""
+    checkpoint and resume (which must end exactly where the straight run ends), both optimizers;
+    SNRAdamW alone again with 8-bit states (codes and scales as DTensors through DCP)."""
     import json
     import os
     import subprocess
@@ -200,12 +202,14 @@ def test_train_llm_quick_with_two_ranks(tmp_path):
 
     script = Path(__file__).resolve().parent.parent / "bench" / "train_llm.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    names = ["AdamW", "SNRAdamW"] if state_dtype == "float32" else ["SNRAdamW"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
-                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+                           "--quick", "--out", str(tmp_path), "--state-dtype", state_dtype, "--optimizers", *names],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "train_llm_seed0.json").read_text())
-    assert report["world"] == 2 and report["resume_exact"] == {"AdamW": True, "SNRAdamW": True}
-    for name in ("AdamW", "SNRAdamW"):
+    assert report["world"] == 2 and report["resume_exact"] == {name: True for name in names}
+    for name in names:
         r = report["results"][name]
         assert r["held"][-1] < 5.5  # log(256) = 5.55: both learn something about bytes in 20 steps
         assert r["tokens_per_s"] > 0 and 0 < r["optimizer_share"] < 1
