@@ -230,8 +230,8 @@ class Slot:
     is unedited and the param's layout is the one recorded."""
 
     __slots__ = ("param", "bucket", "index", "dtype", "device", "device_index", "shape", "stride", "plain",
-                 "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "scales", "held", "layout", "entry",
-                 "step", "seed", "stand_in", "edited")
+                 "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "scales", "held",
+                 "layout", "entry", "step", "seed", "stand_in", "edited")
 
     def __init__(self, param: Tensor, bucket: "BucketStates", index: int, seed: int):
         self.param, self.bucket, self.index, self.seed = param, bucket, index, seed
