@@ -91,42 +91,52 @@ def _ddp(rank, port, backend, out):
     _finish()
 
 
-def _fsdp2_model():
-    """make_model() with each Linear and the whole model fully_shard-ed over the ranks (FSDP2)."""
+def _fsdp2_model(make=None):
+    """make_model() (or `make()`) with each Linear and the whole model fully_shard-ed over the ranks (FSDP2)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    model = make_model()
+    model = (make or make_model)()
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 
 
-def _fsdp(rank, port, backend, out, ckpt, phase):
-    """phase 'straight': STEPS steps, saving a checkpoint after half; 'resume': load it, finish."""
-    from torch.distributed.checkpoint import load, save
+def _dcp_save(model, opt, ckpt):
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+
+
+def _dcp_load(model, opt, ckpt):
+    from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def _fsdp(rank, port, backend, out, ckpt, phase):
+    """phase 'straight': STEPS steps, saving a checkpoint after half; 'resume': load it, finish."""
     _init(rank, port)
     model = _fsdp2_model()
     opt = SNRAdamW(model.parameters(), backend=backend, **HP)
     half = STEPS // 2
     start = 0
     if phase == "resume":
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        load(state, checkpoint_id=ckpt)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
+        _dcp_load(model, opt, ckpt)
         start = half
     local_shapes = [opt.state[p]["exp_avg"].to_local().shape == p.to_local().shape
                     for p in model.parameters() if p in opt.state]
     for k, (x, y) in enumerate(batches()[start:], start):
         if phase == "straight" and k == half:
-            save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=ckpt)
+            _dcp_save(model, opt, ckpt)
         opt.zero_grad()
         loss_fn(model, _shard(x, rank), _shard(y, rank)).backward()
         opt.step()
@@ -166,30 +176,16 @@ def _fsdp_8bit(rank, port, backend, out, ckpt, phase):
     """FSDP2 with 8-bit states, every rank on the whole batch (so the reduce-scattered grads are
     the single process's exactly); phase 'straight' saves a DCP checkpoint after half the steps,
     'resume' loads it and finishes."""
-    from torch.distributed.checkpoint import load, save
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     _init(rank, port)
-    mesh = init_device_mesh("cpu", (WORLD,))
-    model = make_8bit_model()
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = _fsdp2_model(make_8bit_model)
     opt = SNRAdamW(model.parameters(), backend=backend, state_dtype=torch.uint8, **HP)
     half, start = STEPS // 2, 0
     if phase == "resume":
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        load(state, checkpoint_id=ckpt)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
+        _dcp_load(model, opt, ckpt)
         start = half
     for k, (x, y) in enumerate(full_batches()[start:], start):
         if phase == "straight" and k == half:
-            save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=ckpt)
+            _dcp_save(model, opt, ckpt)
         opt.zero_grad()
         loss_fn(model, x, y).backward()
         opt.step()
