@@ -56,10 +56,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _init(rank, port):
+def _init(rank, port, world=WORLD):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
 
 
@@ -244,8 +244,8 @@ def _zero(rank, port, backend, out, phase, ckpt):
     _finish()
 
 
-def spawn(fn, *args):
-    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+def spawn(fn, *args, nprocs=WORLD):
+    mp.spawn(fn, args=(_free_port(), *args), nprocs=nprocs, join=True)
 
 
 def max_diff(a, b):
@@ -310,6 +310,128 @@ def test_fsdp2_with_8bit_states_equals_its_shards_stepped_in_one_process_and_res
                     assert not held[0, n:].any(), (i, key)
     moved = sum((runs["straight"][0]["params"][k] != make_8bit_model().state_dict()[k]).sum() for k in expected)
     assert moved > 0
+
+
+MESH_2D = (2, 2)  # (dp, tp): 4 ranks
+# name: (shape, placements per mesh dim: "S<d>" sharded along param dim d, "R" replicated). Uneven
+# splits (7 rows: 4 + 3; 9 rows: 5 + 4; 601 columns: 151, 150, 150, 150) so shards hold different
+# block counts; HSDP's (Replicate, Shard); one param dim sharded over both mesh dims (strided).
+PARAMS_2D = {"fsdp_tp": ((7, 300), ("S0", "S1")), "hsdp": ((9, 60), ("R", "S0")),
+             "dim_twice": ((5, 601), ("S1", "S1")), "replicated": ((3, 90), ("R", "R"))}
+STEPS_2D, MAX_NORM_2D = 4, 5.0
+
+
+def _data_2d():
+    gen = torch.Generator().manual_seed(3)
+    init = {n: torch.randn(shape, generator=gen) for n, (shape, _) in PARAMS_2D.items()}
+    grads = [{n: torch.randn(shape, generator=gen) for n, (shape, _) in PARAMS_2D.items()} for _ in range(STEPS_2D)]
+    return init, grads
+
+
+def _local_2d(full, placements, coords):
+    """The shard DTensor puts on the rank at mesh coordinates `coords`: mesh dims applied in order,
+    each a torch.chunk of the param dim it shards."""
+    for where, i in zip(placements, coords):
+        if where != "R":
+            full = full.chunk(MESH_2D[0], int(where[1:]))[i]
+    return full.contiguous()
+
+
+def _mesh_2d_8bit(rank, port, backend, out, ckpt):
+    """DTensor params on a 2x2 mesh with 8-bit states and clipping in the step: a straight run that
+    saves a DCP checkpoint after half the steps, then a fresh model and optimizer that load it and
+    finish (must end where the straight run ends, bit for bit)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    _init(rank, port, world=4)
+    mesh = init_device_mesh("cpu", MESH_2D)
+    kinds = {n: [Replicate() if w == "R" else Shard(int(w[1:])) for w in where] for n, (_, where) in PARAMS_2D.items()}
+    init, grads = _data_2d()
+
+    def run(start, load):
+        holder = torch.nn.Module()
+        for n in PARAMS_2D:
+            holder.register_parameter(n, torch.nn.Parameter(distribute_tensor(init[n].clone(), mesh, kinds[n])))
+        opt = SNRAdamW(holder.parameters(), backend=backend, state_dtype=torch.uint8, max_grad_norm=MAX_NORM_2D, **HP)
+        if load:
+            _dcp_load(holder, opt, ckpt)
+        norms = []
+        for k in range(start, STEPS_2D):
+            if not load and k == STEPS_2D // 2:
+                _dcp_save(holder, opt, ckpt)
+            for n, p in holder.named_parameters():
+                p.grad = distribute_tensor(grads[k][n].clone(), mesh, kinds[n])
+            opt.step()
+            norms.append(opt.last_grad_norm().item())
+        return holder, opt, norms
+
+    straight, opt, norms = run(0, load=False)
+    resumed, opt2, _ = run(STEPS_2D // 2, load=True)
+    result = {"coords": mesh.get_coordinate(), "norms": norms, "params": {}, "states": {}, "resumed_equal": True}
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        st, st2 = opt.state[p], opt2.state[q]
+        result["params"][n] = p.to_local().detach().clone()
+        result["states"][n] = {k: (v.to_local().clone(), tuple(v.shape), [pl.dim if pl.is_shard() else None
+                                                                           for pl in v.placements])
+                               for k, v in st.items() if k != "step"}
+        result["resumed_equal"] &= torch.equal(p.to_local(), q.to_local()) and all(
+            torch.equal(v.to_local(), st2[k].to_local()) for k, v in st.items() if k != "step")
+    torch.save(result, f"{out}.{rank}")
+    _finish()
+
+
+def test_8bit_states_on_a_2d_mesh_equal_each_ranks_shard_stepped_in_one_process(tmp_path):
+    """Issue 22 on a 2-D mesh (HSDP, FSDP + TP, one dim sharded twice, replicated): each rank's
+    blocks cover its own shard; codes are DTensors placed like the param; scales have one dim per
+    mesh dim (its size where sharded, 1 where replicated) and the largest shard's blocks; the norm
+    of the clipping is over every element once; a DCP resume ends bit for bit."""
+    backend = "cpu" if "cpu" in DIST_BACKENDS else DIST_BACKENDS[0]
+    out, ckpt = tmp_path / "mesh2d.pt", str(tmp_path / "ckpt")
+    spawn(_mesh_2d_8bit, backend, str(out), ckpt, nprocs=4)
+    init, grads = _data_2d()
+    # the truth: one process, the distinct shards of every param stepped as params of their own
+    coords = [(i, j) for i in range(MESH_2D[0]) for j in range(MESH_2D[1])]
+    shards = {(n, c): torch.nn.Parameter(_local_2d(init[n], where, c)) for n, (_, where) in PARAMS_2D.items()
+              for c in coords}
+    distinct = {}
+    for (n, c), q in shards.items():
+        key = (n, tuple(x if w != "R" else 0 for w, x in zip(PARAMS_2D[n][1], c)))
+        distinct.setdefault(key, q)
+    opt = SNRAdamW(list(distinct.values()), backend=backend, state_dtype=torch.uint8, max_grad_norm=MAX_NORM_2D, **HP)
+    norms = []
+    for k in range(STEPS_2D):
+        for (n, c), q in distinct.items():
+            q.grad = _local_2d(grads[k][n], PARAMS_2D[n][1], c)
+        opt.step()
+        norms.append(opt.last_grad_norm().item())
+    full_norms = [torch.nn.utils.get_total_norm(list(g.values())).item() for g in grads]
+    assert min(full_norms) > MAX_NORM_2D  # clipping is active
+    assert norms == pytest.approx(full_norms, rel=1e-6)
+    for rank in range(4):
+        got = torch.load(f"{out}.{rank}")
+        c = tuple(got["coords"])
+        assert got["resumed_equal"]
+        assert got["norms"] == pytest.approx(full_norms, rel=1e-5)
+        for n, (shape, where) in PARAMS_2D.items():
+            q = distinct[(n, tuple(x if w != "R" else 0 for w, x in zip(where, c)))]
+            torch.testing.assert_close(got["params"][n], q.detach(), rtol=0, atol=1e-6)
+            largest = max(codebook.blocks(_local_2d(init[n], where, cc).numel()) for cc in coords)
+            layout = tuple(1 if w == "R" else m for w, m in zip(where, MESH_2D))
+            for key, (held, global_shape, placements) in got["states"][n].items():
+                want = opt.state[q][key]
+                if key.endswith("_codes"):  # placed like the param; a clipping coefficient's rounding
+                    assert global_shape == shape and held.shape == want.shape, (n, key)  # may cross a midpoint
+                    assert placements == [None if w == "R" else int(w[1:]) for w in where], (n, key)
+                    apart = (held.int() - want.int()).abs()
+                    assert apart.max() <= 1 and (apart > 0).float().mean() <= 0.01, (n, key)
+                else:
+                    assert global_shape == (*layout, largest) and held.shape == (1, 1, largest), (n, key)
+                    assert placements == [None if w == "R" else j for j, w in enumerate(where)], (n, key)
+                    torch.testing.assert_close(held.reshape(-1)[:want.numel()], want, rtol=1e-5, atol=0)
+                    assert not held.reshape(-1)[want.numel():].any(), (n, key)
+    assert any(codebook.blocks(q.numel()) < codebook.blocks(max(r.numel() for r in distinct.values()))
+               for q in distinct.values())  # some shards are padded
 
 
 def test_zero_redundancy_optimizer_trains_and_checkpoints(tmp_path):
