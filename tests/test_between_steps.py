@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from conftest import BACKENDS, DEVICE, step_beside_reference
 from snr_triton import SNRAdamW, tables
+from snr_triton.param_states import MAPS_KEPT
 
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 KEYS = ("exp_avg", "exp_avg_sq")
@@ -421,6 +422,48 @@ def test_whatever_users_do_between_steps_steps_like_adamw(backend, actions, seed
                  else torch.randn(p.shape, generator=gen).to(DEVICE) for i, p in enumerate(ours)]
         step_both(ours, opt, theirs, ref, grads)
         assert_like_adamw(ours, opt, theirs, ref)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+def test_the_most_used_active_set_keeps_its_map_while_others_come_and_go(backend):
+    """MoE experts or frozen layers: the all-active set every other step, and between them more
+    other active sets than the bucket keeps maps. The least recently used map goes, so the
+    all-active one is built once (evicting the most recent one instead rebuilt it every time)."""
+    n = MAPS_KEPT + 2
+    params = [torch.nn.Parameter(torch.randn(3, device=DEVICE)) for _ in range(n)]
+    opt = SNRAdamW(params, backend=backend, **HP)
+    before = dict(tables.counters)
+    for k in range(n):
+        for skip in (None, k):  # all active, then all but param k
+            give(params, [None if i == skip else torch.ones(3, device=DEVICE) for i in range(n)])
+            opt.step()
+    assert tables.counters["maps_built"] - before["maps_built"] == 1 + n
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_odd_layouts_step_bit_for_bit_like_dense_twins(backend, dtype):
+    """A non-dense param and a grad laid out otherwise than its param are stepped through
+    stand-ins, which must have the param's dtype (the kernel reads them as the bucket's): the same
+    as dense twins with the same grads, bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    odd = [torch.nn.Parameter(torch.randn(6, 8, generator=gen).to(DEVICE, dtype)[:, :5]),
+           torch.nn.Parameter(torch.randn(4, 3, generator=gen).to(DEVICE, dtype))]
+    twins = [torch.nn.Parameter(p.detach().clone().contiguous()) for p in odd]
+    start = [p.detach().clone() for p in twins]
+    a, b = SNRAdamW(odd, backend=backend, **HP), SNRAdamW(twins, backend=backend, **HP)
+    assert not odd[0].is_contiguous()
+    for _ in range(4):
+        g0 = torch.randn(6, 5, generator=gen).to(DEVICE, dtype)
+        g1 = torch.randn(3, 4, generator=gen).to(DEVICE, dtype).t()  # strides (1, 4), the param's (3, 1)
+        give(odd, [g0, g1])
+        give(twins, [g0, g1.contiguous()])
+        a.step()
+        b.step()
+    for p, q, p0 in zip(odd, twins, start):
+        assert torch.equal(p.detach(), q.detach()) and not torch.equal(q.detach(), p0)
+        for k, v in b.state[q].items():
+            assert torch.equal(a.state[p][k], v), k
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
