@@ -425,10 +425,27 @@ def test_decoded_state_is_the_float_value_of_the_codes():
     torch.manual_seed(17)
     p = torch.nn.Parameter(torch.randn(10, 30))
     opt = SNRAdamW([p], state_dtype=torch.uint8)
-    with pytest.raises(KeyError, match="no states"):
+    with pytest.raises(KeyError) as e:
         opt.decoded_state(p)
+    assert e.value.args[0] == ("decoded_state(): this param has no states of this optimizer (no step taken since "
+                               "it was added, or its state was edited: the next step adopts it)")
     p.grad = torch.randn(10, 30)
     opt.step()
+    for edit in ("a key replaced", "the entry replaced"):  # not decoded from states the next step may not keep
+        q = torch.nn.Parameter(p.detach().clone())
+        twin = SNRAdamW([q], state_dtype=torch.uint8)
+        q.grad = torch.randn(10, 30)
+        twin.step()
+        twin.decoded_state(q)
+        if edit == "a key replaced":
+            twin.state[q]["exp_avg_scales"] = twin.state[q]["exp_avg_scales"] * 2
+        else:
+            twin.state[q] = dict(twin.state[q])
+        with pytest.raises(KeyError, match="state was edited"):
+            twin.decoded_state(q)
+        q.grad = torch.randn(10, 30)
+        twin.step()
+        assert twin.decoded_state(q)["step"] == 2  # adopted by the next step
     decoded = opt.decoded_state(p)
     for key in KEYS:
         codes, scales = opt.state[p][key + "_codes"], opt.state[p][key + "_scales"]
@@ -448,8 +465,11 @@ def test_bad_state_dtypes_and_bad_8bit_checkpoints_are_refused_and_change_nothin
     saved = opt.state_dict()
     before = copy.deepcopy(saved)
     for key, bad, match in (("exp_avg_codes", torch.zeros(300, dtype=torch.int8), "dense uint8"),
+                            ("exp_avg_codes", torch.zeros(301, dtype=torch.uint8),  # dense, another shape
+                             r"dense uint8 tensor of its param's shape \(300,\), got torch.uint8 \(301,\)"),
                             ("exp_avg_scales", torch.zeros(3), r"float32 of shape \(2,\)"),
-                            ("exp_avg_sq_scales", None, "must be a tensor")):
+                            ("exp_avg_sq_scales", None, "must be a tensor .*, got NoneType"),
+                            ("exp_avg_sq_codes", [0] * 300, "must be a tensor .*, got list")):
         broken = copy.deepcopy(saved)
         broken["state"][0][key] = bad
         with pytest.raises(ValueError, match=f"state '{key}' of param 0 .*{match}"):

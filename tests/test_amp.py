@@ -24,11 +24,13 @@ def test_grad_scale_and_found_inf_arguments(backend):
     assert ((w.double() - ref).abs().max() / ref.abs().max()) <= torch.finfo(torch.float32).eps
 
     before_p, before_state = w.detach().clone(), copy.deepcopy(opt.state[w])
-    w.grad = torch.full_like(w, float("inf"))
-    opt.step(grad_scale=scale, found_inf=torch.tensor(1.0, device=DEVICE))
-    assert torch.equal(w.detach(), before_p)
-    for key, value in before_state.items():
-        assert torch.equal(opt.state[w][key], value), key
+    # GradScaler passes the sum of its devices' found_inf: 2.0 when two devices found an inf
+    for found in (1.0, 2.0):
+        w.grad = torch.full_like(w, float("inf"))
+        opt.step(grad_scale=scale, found_inf=torch.tensor(found, device=DEVICE))
+        assert torch.equal(w.detach(), before_p)
+        for key, value in before_state.items():
+            assert torch.equal(opt.state[w][key], value), (found, key)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -126,6 +126,57 @@ def test_a_non_finite_norm_skips_the_step(backend, bad):
     assert stats["skipped_steps"] == 1 and math.isnan(stats["mean_gate"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_coefficient_at_a_norm_near_clip_grad_norm_s_epsilon(backend):
+    """k = c / (N + 1e-6): at N = 2e-6 the 1e-6 decides k (1/3 here; c / (N - 1e-6) would be 1)."""
+    ours, theirs = torch.nn.Parameter(torch.ones(4, device=DEVICE)), torch.nn.Parameter(torch.ones(4, device=DEVICE))
+    a = SNRAdamW([ours], backend=backend, max_grad_norm=1e-6, gate="none", lr=1e-2)
+    b = SNRAdamW([theirs], backend=backend, gate="none", lr=1e-2)
+    grad = torch.full((4,), 1e-6, device=DEVICE)  # N = 2e-6
+    for _ in range(3):
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        assert torch.nn.utils.clip_grad_norm_([theirs], 1e-6).item() == pytest.approx(2e-6)
+        a.step()
+        b.step()
+        torch.testing.assert_close(a.state[ours]["exp_avg"], b.state[theirs]["exp_avg"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.state[ours]["exp_avg"], torch.full((4,), (1 - 0.9 ** 3) * 1e-6 / 3, device=DEVICE),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_found_inf_skips_a_clipping_step_whose_grads_are_finite(backend):
+    """found_inf passed to step (as GradScaler does, e.g. for an inf it found elsewhere) skips the
+    step even though this optimizer's grads, and so its norm, are finite."""
+    model, _ = models()
+    opt = SNRAdamW(model.parameters(), backend=backend, max_grad_norm=1.0, **HP)
+    backward(model, 0)
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    for bad in (None, float("inf")):  # finite grads; an inf that GradScaler found (so N is inf too)
+        backward(model, 1)
+        if bad is not None:
+            next(model.parameters()).grad.view(-1)[0] = bad
+        opt.step(found_inf=torch.tensor(1.0, device=DEVICE))
+        for p, b, st in zip(model.parameters(), before, states):
+            assert torch.equal(p.detach(), b)
+            assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
+        assert math.isfinite(opt.last_grad_norm().item()) == (bad is None)
+    backward(model, 1)
+    opt.step(found_inf=torch.tensor(0.0, device=DEVICE))
+    assert not torch.equal(next(model.parameters()).detach(), before[0])
+
+
+def test_last_grad_norm_says_what_it_needs():
+    with pytest.raises(RuntimeError) as e:
+        SNRAdamW([torch.nn.Parameter(torch.ones(3))]).last_grad_norm()
+    assert str(e.value) == ("last_grad_norm() needs SNRAdamW(..., max_grad_norm=...): without it the step computes "
+                            "no norm (use torch.nn.utils.get_total_norm)")
+    with pytest.raises(RuntimeError) as e:
+        SNRAdamW([torch.nn.Parameter(torch.ones(3))], max_grad_norm=1.0).last_grad_norm()
+    assert str(e.value) == "last_grad_norm(): no step has run yet"
+
+
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), "1.0", True])
 def test_bad_max_grad_norm_is_refused(value):
     with pytest.raises(ValueError, match="max_grad_norm must be None .* or a finite number > 0, got"):

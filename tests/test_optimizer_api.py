@@ -278,6 +278,9 @@ def test_backend_auto_picks_the_fused_kernel_of_the_device():
     assert SNRAdamW([p64]).backend_of(p64) == "eager"
     if p.device.type == "cpu":
         assert SNRAdamW([p], stochastic_rounding=True).backend_of(p) == "eager"
+    with pytest.raises(KeyError) as e:
+        SNRAdamW([p]).backend_of(p64)
+    assert e.value.args == ("param is not in this optimizer",)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

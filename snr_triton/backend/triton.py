@@ -126,9 +126,9 @@ def launch(job: fused_op.Launch) -> None:
             STOCHASTIC_ROUNDING=job.stochastic_rounding and job.bucket.dtype == torch.bfloat16,
             TRACK_STATS=job.track_stats, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
-    if found_inf is not None:  # as torch's fused Adam: the step does not count
-        n = table.step_index.numel()
-        steps.index_add_(0, table.step_index, found_inf.to(steps.dtype).expand(n), alpha=-1)
+    if found_inf is not None:  # as torch's fused Adam: the step does not count (GradScaler's found_inf
+        n = table.step_index.numel()  # is a sum over devices: any non-zero value is one skipped step)
+        steps.index_add_(0, table.step_index, (found_inf != 0).to(steps.dtype).expand(n), alpha=-1)
     if job.track_stats:  # the per-block partial sums, added per tensor on the device
         job.stats.zero_()
         if table.num_blocks:
