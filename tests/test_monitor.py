@@ -47,8 +47,32 @@ def test_stats_match_reference(backend, gate):
 
 def test_stats_need_track_stats():
     opt = SNRAdamW([torch.nn.Parameter(torch.ones(2))])
-    with pytest.raises(RuntimeError, match="track_stats=True"):
+    with pytest.raises(RuntimeError) as e:
         opt.stats()
+    assert str(e.value) == "stats() needs SNRAdamW(..., track_stats=True)"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_of_a_group_or_a_step_that_stepped_nothing(backend):
+    """Before any step, and for a param group none of whose params had a grad: no elements, so
+    mean_gate and frac_above are NaN and the sums 0 (not an error)."""
+    a, b = torch.nn.Parameter(torch.ones(4, device=DEVICE)), torch.nn.Parameter(torch.ones(3, device=DEVICE))
+    opt = SNRAdamW([{"params": [a]}, {"params": [b]}], backend=backend, alpha=0.25, track_stats=True)
+    nothing = {"mean_gate": math.nan, "frac_above": math.nan, "signal": 0.0, "noise": 0.0}
+
+    def assert_nothing(got):
+        assert {k: got[k] for k in nothing} == pytest.approx(nothing, nan_ok=True)
+
+    assert_nothing(opt.stats())
+    assert len(opt.stats()["groups"]) == 2
+    for g in opt.stats()["groups"]:
+        assert_nothing(g)
+    a.grad = torch.full((4,), 0.5, device=DEVICE)  # group 1 has no grad
+    opt.step()
+    stats = opt.stats()
+    # step 1: s-hat is m-hat^2, so q = 1 / (1 + alpha) everywhere
+    assert stats["mean_gate"] == pytest.approx(0.8) and stats["groups"][0]["mean_gate"] == pytest.approx(0.8)
+    assert_nothing(stats["groups"][1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -81,8 +105,10 @@ def test_per_param_stats_need_named_parameters():
     opt = SNRAdamW([p], track_stats=True)
     p.grad = torch.ones(2)
     opt.step()
-    with pytest.raises(ValueError, match=r"needs named parameters: pass model.named_parameters\(\)"):
+    with pytest.raises(ValueError) as e:
         opt.stats(per_param=True)
+    assert str(e.value) == ("stats(per_param=True) needs named parameters: pass model.named_parameters() "
+                            "(or groups of (name, param) pairs) to SNRAdamW")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
