@@ -469,9 +469,13 @@ def test_bad_state_dtypes_and_bad_8bit_checkpoints_are_refused_and_change_nothin
                              r"dense uint8 tensor of its param's shape \(300,\), got torch.uint8 \(301,\)"),
                             ("exp_avg_scales", torch.zeros(3), r"float32 of shape \(2,\)"),
                             ("exp_avg_sq_scales", None, "must be a tensor .*, got NoneType"),
-                            ("exp_avg_sq_codes", [0] * 300, "must be a tensor .*, got list")):
+                            ("exp_avg_sq_codes", [0] * 300, "must be a tensor .*, got list"),
+                            ("exp_grad_var_scales", "deleted", "must be a tensor .*, got NoneType")):  # codes alone
         broken = copy.deepcopy(saved)
-        broken["state"][0][key] = bad
+        if isinstance(bad, str):
+            del broken["state"][0][key]
+        else:
+            broken["state"][0][key] = bad
         with pytest.raises(ValueError, match=f"state '{key}' of param 0 .*{match}"):
             opt.load_state_dict(broken)
         after = opt.state_dict()

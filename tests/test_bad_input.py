@@ -126,6 +126,10 @@ def _corrupt(kind, sd):
         sd["state"][0]["exp_avg"] = torch.zeros(3, 4)
     elif kind == "missing key":
         del sd["state"][1]["exp_avg_sq"]
+    elif kind == "missing keys":
+        del sd["state"][1]["exp_avg_sq"], sd["state"][1]["exp_avg"]
+    elif kind == "not a dict":
+        sd["state"][0] = list(sd["state"][0].values())
     elif kind == "wrong group count":
         sd["param_groups"] = sd["param_groups"][:1]
     elif kind == "wrong group size":
@@ -135,8 +139,11 @@ def _corrupt(kind, sd):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,pattern", [
-    ("wrong shape", r"state 'exp_avg' of param 0 has shape \(3, 4\), its param \(4, 3\)"),
+    ("wrong shape", r"^state 'exp_avg' of param 0 has shape \(3, 4\), its param \(4, 3\)$"),
     ("missing key", "the state of param 1 lacks exp_avg_sq"),
+    ("missing keys", r"^the state of param 1 lacks exp_avg, exp_avg_sq \(needs step, exp_avg, exp_avg_sq; "
+                     r"exp_grad_var optional; 8-bit states as <key>_codes and <key>_scales\)$"),
+    ("not a dict", "^the state of param 0 must be a dict, got list$"),
     ("wrong group count", "the state dict has 1 param groups, this optimizer 2"),
     ("wrong group size", "param group 1 of the state dict has 2 params, this optimizer's 1"),
 ])

@@ -73,6 +73,7 @@ def test_stats_of_a_group_or_a_step_that_stepped_nothing(backend):
     # step 1: s-hat is m-hat^2, so q = 1 / (1 + alpha) everywhere
     assert stats["mean_gate"] == pytest.approx(0.8) and stats["groups"][0]["mean_gate"] == pytest.approx(0.8)
     assert_nothing(stats["groups"][1])
+    assert stats["skipped_steps"] == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

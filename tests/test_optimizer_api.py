@@ -220,6 +220,27 @@ def test_tensor_lr_equals_float_lr(backend):
     assert rel(a[0], b[0]) <= 1e-7
 
 
+@pytest.mark.parametrize("where", ["groups", "groups and defaults"])
+def test_unpickling_an_older_versions_optimizer_fills_its_missing_keys(where):
+    """An optimizer pickled by a version without some of today's keys: its groups get the
+    optimizer's default for them, or the package's where its defaults lack them too."""
+    p = make_params([(5,)])[0]
+    opt = SNRAdamW([p], softness=0.5)
+    state = opt.__getstate__()
+    for key in ("softness", "state_dtype"):
+        del state["param_groups"][0][key]
+        if where == "groups and defaults":
+            del state["defaults"][key]
+    old = SNRAdamW.__new__(SNRAdamW)
+    old.__setstate__(state)
+    group = old.param_groups[0]
+    assert group["softness"] == (0.5 if where == "groups" else DEFAULTS["softness"])
+    assert group["state_dtype"] == torch.float32
+    p.grad = torch.ones(5, device=DEVICE)
+    old.step()
+    assert old.state[p]["exp_avg"].dtype == torch.float32
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deepcopy_and_pickle(backend):
     model = torch.nn.Linear(4, 3).to(DEVICE)
