@@ -69,6 +69,8 @@ def test_the_aligned_column_marks_rows_whose_param_grad_and_states_all_start_on_
     handed = [t.data_ptr() for slot in slots for t in slot.real]
     handed[3 * 2 + 2] += 4  # row 2's exp_grad_var, handed in by the compiler
     assert marks(params, grads, handed) == [1, 1, 0, 1]
+    handed[3 * 2 + 2] -= 4  # aligned states handed in: an unaligned param still unmarks its row
+    assert marks([params[0], off(17), *params[2:]], grads, handed) == [1, 0, 1, 1]
     assert marks(params, grads) == [1, 1, 1, 1]  # back on the slots' own states
 
     # one of a row's own states off 16 bytes (not something our allocations do): that row only
