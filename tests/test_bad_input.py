@@ -128,6 +128,10 @@ def _corrupt(kind, sd):
         del sd["state"][1]["exp_avg_sq"]
     elif kind == "missing keys":
         del sd["state"][1]["exp_avg_sq"], sd["state"][1]["exp_avg"]
+    elif kind == "state not a tensor":
+        sd["state"][0]["exp_avg_sq"] = sd["state"][0]["exp_avg_sq"].tolist()
+    elif kind == "step of two numbers":
+        sd["state"][1]["step"] = torch.tensor([1.0, 1.0])
     elif kind == "not a dict":
         sd["state"][0] = list(sd["state"][0].values())
     elif kind == "wrong group count":
@@ -144,6 +148,8 @@ def _corrupt(kind, sd):
     ("missing keys", r"^the state of param 1 lacks exp_avg, exp_avg_sq \(needs step, exp_avg, exp_avg_sq; "
                      r"exp_grad_var optional; 8-bit states as <key>_codes and <key>_scales\)$"),
     ("not a dict", "^the state of param 0 must be a dict, got list$"),
+    ("state not a tensor", "^state 'exp_avg_sq' of param 0 must be a tensor, got list$"),
+    ("step of two numbers", r"^state 'step' of param 1 must hold one number, got shape \(2,\)$"),
     ("wrong group count", "the state dict has 1 param groups, this optimizer 2"),
     ("wrong group size", "param group 1 of the state dict has 2 params, this optimizer's 1"),
 ])

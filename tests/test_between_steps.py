@@ -190,6 +190,13 @@ def test_a_param_appended_twice_after_construction_is_refused_unchanged(backend)
     with pytest.raises(ValueError, match="param 2 of param group 0 appears twice"):
         opt.step()
     assert_unchanged(before, [p, q], opt)
+    opt.param_groups[0]["params"].pop()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(4, device=DEVICE))]})
+    opt.param_groups[1]["params"].append(q)  # in a second group too
+    with pytest.raises(ValueError) as e:
+        opt.step()
+    assert str(e.value) == "param 1 of param group 1 is also in param group 0: a param may belong to one group only"
+    assert_unchanged(before, [p, q], opt)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -288,6 +288,12 @@ def test_complex_params_step_their_real_view(backend):
         orr.step()
     assert torch.equal(torch.view_as_real(z.detach()), r.detach())
     assert oz.state[z]["exp_avg"].is_complex()
+    # a checkpoint of the real param's states (real views, shape (6, 2)) loads into the complex one
+    resumed = SNRAdamW([z], lr=1e-2, backend=backend)
+    resumed.load_state_dict(orr.state_dict())
+    for key, value in orr.state[r].items():
+        got = resumed.state[z][key]
+        assert torch.equal(torch.view_as_real(got) if got.is_complex() else got, value), key
 
 
 def test_backend_auto_picks_the_fused_kernel_of_the_device():
