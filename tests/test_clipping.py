@@ -124,6 +124,11 @@ def test_a_non_finite_norm_skips_the_step(backend, bad):
     assert not math.isfinite(opt.last_grad_norm().item())
     stats = opt.stats()
     assert stats["skipped_steps"] == 1 and math.isnan(stats["mean_gate"])
+    opt.step()  # the same bad grad again, then a good one: skipped steps are counted over steps
+    assert opt.stats()["skipped_steps"] == 2
+    backward(model, 2)
+    opt.step()
+    assert opt.stats()["skipped_steps"] == 2 and opt.stats()["mean_gate"] > 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
