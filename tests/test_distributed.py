@@ -332,10 +332,15 @@ def _data_2d():
 def _local_2d(full, placements, coords):
     """The shard DTensor puts on the rank at mesh coordinates `coords`: mesh dims applied in order,
     each a torch.chunk of the param dim it shards."""
-    for where, i in zip(placements, coords):
+    for size, where, i in zip(MESH_2D, placements, coords):
         if where != "R":
-            full = full.chunk(MESH_2D[0], int(where[1:]))[i]
+            full = full.chunk(size, int(where[1:]))[i]
     return full.contiguous()
+
+
+def _shard_key(where, coords):
+    """Which shard a rank holds: its coordinates on the sharded mesh dims (replicated ones share)."""
+    return tuple(i if w != "R" else 0 for w, i in zip(where, coords))
 
 
 def _mesh_2d_8bit(rank, port, backend, out, ckpt):
@@ -396,16 +401,12 @@ def test_8bit_states_on_a_2d_mesh_equal_each_ranks_shard_stepped_in_one_process(
     init, grads = _data_2d()
     # the truth: one process, the distinct shards of every param stepped as params of their own
     coords = [(i, j) for i in range(MESH_2D[0]) for j in range(MESH_2D[1])]
-    shards = {(n, c): torch.nn.Parameter(_local_2d(init[n], where, c)) for n, (_, where) in PARAMS_2D.items()
-              for c in coords}
-    distinct = {}
-    for (n, c), q in shards.items():
-        key = (n, tuple(x if w != "R" else 0 for w, x in zip(PARAMS_2D[n][1], c)))
-        distinct.setdefault(key, q)
+    distinct = {(n, _shard_key(where, c)): torch.nn.Parameter(_local_2d(init[n], where, c))
+                for n, (_, where) in PARAMS_2D.items() for c in coords}
     opt = SNRAdamW(list(distinct.values()), backend=backend, state_dtype=torch.uint8, max_grad_norm=MAX_NORM_2D, **HP)
     norms = []
     for k in range(STEPS_2D):
-        for (n, c), q in distinct.items():
+        for (n, c), q in distinct.items():  # a shard key is the coordinates of a rank holding it
             q.grad = _local_2d(grads[k][n], PARAMS_2D[n][1], c)
         opt.step()
         norms.append(opt.last_grad_norm().item())
@@ -418,7 +419,7 @@ def test_8bit_states_on_a_2d_mesh_equal_each_ranks_shard_stepped_in_one_process(
         assert got["resumed_equal"]
         assert got["norms"] == pytest.approx(full_norms, rel=1e-5)
         for n, (shape, where) in PARAMS_2D.items():
-            q = distinct[(n, tuple(x if w != "R" else 0 for w, x in zip(where, c)))]
+            q = distinct[(n, _shard_key(where, c))]
             torch.testing.assert_close(got["params"][n], q.detach(), rtol=0, atol=1e-6)
             largest = max(codebook.blocks(_local_2d(init[n], where, cc).numel()) for cc in coords)
             layout = tuple(1 if w == "R" else m for w, m in zip(where, MESH_2D))
