@@ -231,7 +231,7 @@ class Slot:
 
     __slots__ = ("param", "bucket", "index", "dtype", "device", "device_index", "shape", "stride", "plain",
                  "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "scales", "held",
-                 "layout", "entry", "step", "seed", "stand_in", "edited")
+                 "layout", "entry", "step", "seed", "stand_in", "edited", "dtensor_class")
 
     def __init__(self, param: Tensor, bucket: "BucketStates", index: int, seed: int):
         self.param, self.bucket, self.index, self.seed = param, bucket, index, seed
@@ -239,6 +239,7 @@ class Slot:
         self.device_index = param.get_device()
         self.plain = not param.is_complex() and not is_dtensor(param)
         self.placements = (param.device_mesh, param.placements) if is_dtensor(param) else None
+        self.dtensor_class = _dtensor_class()  # None where torch.distributed is not built
         r = as_real(param)
         self.real_shape, self.real_stride, self.dense, self.numel = r.shape, r.stride(), is_dense(r), r.numel()
         # a plain contiguous param: is_contiguous() (a cached flag) then stands for the stride
@@ -290,12 +291,14 @@ class Slot:
 
     def fits(self, p: Tensor, g: Tensor, entry: Any) -> bool:
         """True when `entry` is this slot's and unedited, and p and g have the layout the states
-        were made for. Cheap: a few attribute reads per param and step."""
+        were made for (g a DTensor exactly when p is: a plain slot handed a DTensor grad would give
+        the kernels the wrapper's address). Cheap: a few attribute reads per param and step."""
         return entry is self.entry and not self.edited and p.dtype is self.dtype and g.dtype is self.dtype \
             and not g.is_sparse and p.shape == self.shape and g.shape == self.shape \
             and (p.is_contiguous() if self.contiguous else p.stride() == self.stride) \
             and p.get_device() == self.device_index \
-            and (self.placements is None or (p.device_mesh, p.placements) == self.placements)
+            and (self.dtensor_class is None or not isinstance(g, self.dtensor_class) if self.placements is None
+                 else isinstance(g, self.dtensor_class) and (p.device_mesh, p.placements) == self.placements)
 
     def adopt(self, old: dict[str, Any], hyper) -> None:
         """Copy existing state (a checkpoint's, a replaced tensor, the states of this param's

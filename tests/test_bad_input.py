@@ -72,9 +72,31 @@ def test_sparse_gradients_raise_and_change_nothing(backend):
     opt = SNRAdamW([dense, *emb.parameters()], backend=backend)
     dense.grad = torch.ones_like(dense)
     emb(torch.tensor([1, 2], device=DEVICE)).sum().backward()
-    with pytest.raises(RuntimeError, match="sparse gradients"):
+    with pytest.raises(RuntimeError) as e:
         opt.step()
+    assert str(e.value) == ("SNRAdamW does not support sparse gradients (param 1 of param group 0); use dense "
+                            "gradients (e.g. nn.Embedding(sparse=False))")
     assert torch.equal(dense.detach(), torch.ones(3, device=DEVICE)) and len(opt.state) == 0
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C backend is not built here")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_a_param_turned_into_a_dtype_its_named_backend_cannot_step_is_refused_by_group(dtype):
+    """Checked when the param comes back to the step with its new dtype (its slot no longer
+    fits), naming the group whose backend it is; nothing changes."""
+    p, q = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(4))
+    opt = SNRAdamW([q], backend="cpu")
+    opt.add_param_group({"params": [p]})
+    p.grad, q.grad = torch.ones(8), torch.ones(4)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}, q.detach().clone()
+    p.data = p.data.to(dtype)
+    p.grad, q.grad = torch.ones(8, dtype=dtype), torch.ones(4)
+    with pytest.raises(RuntimeError) as e:
+        opt.step()
+    assert str(e.value) == (f"backend='cpu' cannot step a {dtype} param on cpu: it supports float32 and bfloat16 "
+                            f"params; use backend='eager' or 'auto' for {dtype} (param group 1)")
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[0].items()) and torch.equal(q, before[1])
 
 
 def test_load_state_dict_rejects_bad_groups_and_keeps_state():

@@ -496,6 +496,68 @@ def test_dtensor_grads_with_other_placements_are_redistributed(placement, tmp_pa
     torch.testing.assert_close(got["exp_avg"], ref.state[p]["exp_avg"], rtol=1e-6, atol=1e-7)
 
 
+def _dtensor_refusals(rank, port, backend, out):
+    """Grads a step cannot use, beside a plain param q and a Shard(0) param p, each given to a
+    fresh optimizer (the full check) and to one that has stepped both (their slots in place): the
+    error each raises, and whether the params and their states stayed as they were. A DTensor grad
+    for q, once q had stepped, used to reach the kernels (a segfault on cpu and triton)."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    _init(rank, port)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    bad = {"plain_for_dtensor": lambda: (None, torch.ones(4, 3)),
+           "other_mesh": lambda: (None, DTensor.from_local(torch.ones(4, 3), DeviceMesh("cpu", [[0, 1]]),
+                                                           [Replicate(), Replicate()], run_check=False)),
+           "wrong_shard": lambda: (None, DTensor.from_local(torch.ones(3, 3), mesh, [Shard(0)], run_check=False,
+                                                            shape=torch.Size((4, 3)), stride=(3, 1))),
+           "dtensor_for_plain": lambda: (distribute_tensor(torch.ones(2), mesh, [Replicate()]), None)}
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    result = {}
+    for stepped in (False, True):
+        q = torch.nn.Parameter(torch.ones(2))
+        p = torch.nn.Parameter(distribute_tensor(torch.arange(12.0).reshape(4, 3), mesh, [Shard(0)]))
+        opt = SNRAdamW([q, p], backend=backend)
+        if stepped:
+            q.grad, p.grad = torch.ones(2), distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
+            opt.step()
+        for name, grads in bad.items():
+            before = [(local(x).clone(), {k: local(v).clone() for k, v in opt.state.get(x, {}).items()})
+                      for x in (q, p)]
+            q.grad, p.grad = grads()
+            try:
+                opt.step()
+                error = None
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+            unchanged = all(torch.equal(local(x), value) and all(torch.equal(local(opt.state[x][k]), v)
+                                                                  for k, v in states.items())
+                            for x, (value, states) in zip((q, p), before))
+            result[name, stepped] = error, unchanged
+    if rank == 0:
+        torch.save(result, out)
+    _finish()
+
+
+@pytest.mark.parametrize("backend", DIST_BACKENDS)
+def test_dtensor_grads_a_step_cannot_use_are_refused_by_name_and_change_nothing(backend, tmp_path):
+    out = tmp_path / "refusals.pt"
+    spawn(_dtensor_refusals, backend, str(out))
+    where = "RuntimeError: grad does not match its param (param {} of param group 0): "
+    expected = {"plain_for_dtensor": where.format(1) + "one is a DTensor, the other is not",
+                "other_mesh": where.format(1) + "the grad lives on another device mesh",
+                "wrong_shard": where.format(1) + "local shard (3, 3), the param's (2, 3)",
+                "dtensor_for_plain": where.format(0) + "one is a DTensor, the other is not"}
+    got = torch.load(out)
+    for (name, stepped), (error, unchanged) in got.items():
+        assert error == expected[name], (name, stepped)
+        assert unchanged, (name, stepped)
+    assert len(got) == 8
+
+
 def _fsdp_clip(rank, port, backend, max_norm, out):
     """FSDP2 with the clipping in the step: the norm must be over both ranks' shards."""
     _init(rank, port)
