@@ -498,9 +498,10 @@ def test_dtensor_grads_with_other_placements_are_redistributed(placement, tmp_pa
 
 def _dtensor_refusals(rank, port, backend, out):
     """Grads a step cannot use, beside a plain param q and a Shard(0) param p, each given to a
-    fresh optimizer (the full check) and to one that has stepped both (their slots in place): the
-    error each raises, and whether the params and their states stayed as they were. A DTensor grad
-    for q, once q had stepped, used to reach the kernels (a segfault on cpu and triton)."""
+    fresh optimizer (the full check), to one that has stepped both (their slots in place) and to
+    one whose group was reordered after (only their places changed): the error each raises, and
+    whether the params and their states stayed as they were. A DTensor grad for q, once q had
+    stepped, used to reach the kernels (a segfault on cpu and triton)."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -517,13 +518,15 @@ def _dtensor_refusals(rank, port, backend, out):
         return t.to_local() if isinstance(t, DTensor) else t
 
     result = {}
-    for stepped in (False, True):
+    for how in ("fresh", "stepped", "moved"):
         q = torch.nn.Parameter(torch.ones(2))
         p = torch.nn.Parameter(distribute_tensor(torch.arange(12.0).reshape(4, 3), mesh, [Shard(0)]))
         opt = SNRAdamW([q, p], backend=backend)
-        if stepped:
+        if how != "fresh":
             q.grad, p.grad = torch.ones(2), distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
             opt.step()
+        if how == "moved":
+            opt.param_groups[0]["params"].reverse()
         for name, grads in bad.items():
             before = [(local(x).clone(), {k: local(v).clone() for k, v in opt.state.get(x, {}).items()})
                       for x in (q, p)]
@@ -536,7 +539,7 @@ def _dtensor_refusals(rank, port, backend, out):
             unchanged = all(torch.equal(local(x), value) and all(torch.equal(local(opt.state[x][k]), v)
                                                                   for k, v in states.items())
                             for x, (value, states) in zip((q, p), before))
-            result[name, stepped] = error, unchanged
+            result[name, how] = error, unchanged
     if rank == 0:
         torch.save(result, out)
     _finish()
@@ -546,16 +549,18 @@ def _dtensor_refusals(rank, port, backend, out):
 def test_dtensor_grads_a_step_cannot_use_are_refused_by_name_and_change_nothing(backend, tmp_path):
     out = tmp_path / "refusals.pt"
     spawn(_dtensor_refusals, backend, str(out))
-    where = "RuntimeError: grad does not match its param (param {} of param group 0): "
-    expected = {"plain_for_dtensor": where.format(1) + "one is a DTensor, the other is not",
-                "other_mesh": where.format(1) + "the grad lives on another device mesh",
-                "wrong_shard": where.format(1) + "local shard (3, 3), the param's (2, 3)",
-                "dtensor_for_plain": where.format(0) + "one is a DTensor, the other is not"}
+    expected = {"plain_for_dtensor": ("p", "one is a DTensor, the other is not"),
+                "other_mesh": ("p", "the grad lives on another device mesh"),
+                "wrong_shard": ("p", "local shard (3, 3), the param's (2, 3)"),
+                "dtensor_for_plain": ("q", "one is a DTensor, the other is not")}
     got = torch.load(out)
-    for (name, stepped), (error, unchanged) in got.items():
-        assert error == expected[name], (name, stepped)
-        assert unchanged, (name, stepped)
-    assert len(got) == 8
+    for (name, how), (error, unchanged) in got.items():
+        who, what = expected[name]
+        index = {"p": 1, "q": 0}[who] if how != "moved" else {"p": 0, "q": 1}[who]
+        assert error == f"RuntimeError: grad does not match its param (param {index} of param group 0): {what}", \
+            (name, how)
+        assert unchanged, (name, how)
+    assert len(got) == 12
 
 
 def _fsdp_clip(rank, port, backend, max_norm, out):
