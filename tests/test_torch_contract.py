@@ -109,6 +109,45 @@ def test_complex_params_step_their_real_view_with_every_state_dtype(backend, sta
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_group_mixing_dtypes_and_complex_params_steps_each_as_it_would_alone(backend):
+    """One group's params in two buckets taken in turn (float32, bf16, complex64, float32, bf16):
+    each bucket's params are gathered across the group, a plain param after a complex one in the
+    same bucket is walked as itself, and per-param stats name each. The truth: each param stepped
+    by an optimizer of its own (a complex one as its real view)."""
+    gen = torch.Generator().manual_seed(4)
+    spec = {"a": ((5,), torch.float32), "b": ((4,), torch.bfloat16), "c": ((3, 2), torch.complex64),
+            "d": ((6,), torch.float32), "e": ((2,), torch.bfloat16)}
+    init = {k: torch.randn(shape, generator=gen).to(DEVICE) for k, (shape, _) in spec.items()}
+
+    def param(k, real=False):
+        x = init[k].clone()
+        dtype = spec[k][1]
+        return torch.nn.Parameter(x if real else torch.view_as_complex(x) if dtype.is_complex else x.to(dtype))
+
+    hp = dict(lr=1e-2, gate="snr", alpha=0.7, weight_decay=0.1, backend=backend, track_stats=True)
+    ours = {k: param(k) for k in spec}
+    opt = SNRAdamW(list(ours.items()), **hp)
+    alone = {k: param(k, real=True) if spec[k][1].is_complex else param(k) for k in spec}
+    solos = {k: SNRAdamW([(k, p)], **hp) for k, p in alone.items()}
+    for _ in range(3):
+        for k, (shape, dtype) in spec.items():
+            g = torch.randn(shape, generator=gen).to(DEVICE)
+            ours[k].grad = torch.view_as_complex(g.clone()) if dtype.is_complex else g.to(dtype)
+            alone[k].grad = g.clone() if dtype.is_complex else g.to(dtype)
+        opt.step()
+        for solo in solos.values():
+            solo.step()
+    per_param = opt.stats(per_param=True)["params"]
+    for k, p in ours.items():
+        mine = torch.view_as_real(p.detach()) if p.is_complex() else p.detach()
+        assert torch.equal(mine, alone[k].detach()), k
+        want = solos[k].stats(per_param=True)["params"][k]
+        assert per_param[k].keys() == want.keys()
+        for key, value in want.items():
+            assert per_param[k][key] == pytest.approx(value, rel=1e-6), (k, key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lr", [torch.tensor(3e-3), torch.tensor([3e-3])], ids=["0-dim", "shape-1"])
 def test_tensor_lr_and_tensor_betas_as_adamw_takes_them(backend, lr):
     ref_model, ref = trained(backend, "snr")
