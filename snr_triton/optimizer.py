@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from . import backend, codebook
 from .contract import STATS
 from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, validate_group, validate_runtime
-from .param_states import (CODES, SCALES, STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real,
+from .param_states import (CODES, MAPS_KEPT, SCALES, STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real,
                            is_dense, is_dtensor, like_param, local, local_scales, real_dtype, rng_seed,
                            scales_layout)
 
@@ -603,15 +603,19 @@ def _sum_over_shards(partial: Tensor, mesh: Any, placements: Any) -> Tensor:
 
 def _check_once(work: Work) -> None:
     """A param listed twice in a group (appended to group["params"] after construction) would be
-    stepped twice in one launch: refused. Checked once per active set."""
+    stepped twice in one launch: refused. Checked once per active set, of which a bucket remembers
+    as many as it keeps block maps (MoE experts make a new active set almost every step)."""
     key = tuple(s.index for s in work.slots)
-    if key in work.bucket.checked:
+    checked = work.bucket.checked
+    if key in checked:
         return
     if len(set(key)) != len(key):
         twice = next(s for k, s in enumerate(work.slots) if s.index in key[:k])
         raise ValueError(f"a param of shape {tuple(twice.shape)} appears twice in param group {work.group_index}: "
                          "each param may appear once (it would be stepped twice)")
-    work.bucket.checked.add(key)
+    if len(checked) >= MAPS_KEPT:
+        checked.clear()
+    checked.add(key)
 
 
 def _check_grad(p: Tensor, g: Tensor, where: str) -> None:

@@ -497,6 +497,24 @@ def test_the_most_used_active_set_keeps_its_map_while_others_come_and_go(backend
     assert tables.counters["maps_built"] - before["maps_built"] == 1 + n
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_new_active_set_every_step_keeps_what_the_step_remembers_bounded(backend):
+    """MoE routing: a different subset of experts gets grads each step, so nearly every step's
+    active set is new. What a bucket remembers per active set (block maps, the duplicate check)
+    stays within MAPS_KEPT entries (the duplicate check's set used to grow by one tuple of indices
+    per step), and every step is still AdamW's."""
+    n = 10
+    (ours, opt), (theirs, ref) = pair([(3,)] * n, backend)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(3 * MAPS_KEPT):
+        active = torch.randperm(n, generator=gen)[: n // 2].tolist()
+        step_both(ours, opt, theirs, ref,
+                  [torch.randn(3, generator=gen).to(DEVICE) if i in active else None for i in range(n)])
+    assert_like_adamw(ours, opt, theirs, ref)
+    (bucket,) = opt._buckets.values()
+    assert len(bucket.checked) <= MAPS_KEPT and len(bucket.maps) <= MAPS_KEPT
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_odd_layouts_step_bit_for_bit_like_dense_twins(backend, dtype):
