@@ -65,7 +65,6 @@ class _Repair:
     group_index: int
     param_index: int
     param: Tensor
-    grad: Tensor
     device: torch.device
     dtype: torch.dtype
     source: dict[str, Any]  # the state to adopt (empty: fresh)
@@ -247,7 +246,7 @@ class SNRAdamW(Optimizer):
             hyper = Hyper.of(group)
             for i, p in enumerate(group["params"]):
                 if self.state.get(p):
-                    repairs.append(_Repair(gi, i, p, p, local(p).device, real_dtype(p), dict(self.state[p]),
+                    repairs.append(_Repair(gi, i, p, local(p).device, real_dtype(p), dict(self.state[p]),
                                            self.state[p], None, hyper))
         self._apply(repairs)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -435,7 +434,7 @@ class SNRAdamW(Optimizer):
         if slot is not None and slot.param is p and slot.bucket.group is group \
                 and slot.bucket.requested is hyper.state_dtype and slot.fits(p, g, entry):
             # only its place changed (groups reordered, params added to the group): keep the slot
-            return _Repair(gi, i, p, g, real.device, real_dtype(p), {}, entry, slot, hyper,
+            return _Repair(gi, i, p, real.device, real_dtype(p), {}, entry, slot, hyper,
                            _local_grad(p, g, slot.real_shape, where), reuse=True)
         source = dict(entry) if entry else {}
         if source:
@@ -443,7 +442,7 @@ class SNRAdamW(Optimizer):
                          " (the param changed shape since its state was made? torch.optim.AdamW refuses this "
                          "too; reset the state with `del optimizer.state[p]`, or give the param back its shape)")
         real_grad = _local_grad(p, g, real.shape, where)  # a DTensor grad this step cannot use: refused now
-        return _Repair(gi, i, p, g, real.device, real_dtype(p), source, entry, slot, hyper, real_grad)
+        return _Repair(gi, i, p, real.device, real_dtype(p), source, entry, slot, hyper, real_grad)
 
     def _run(self, plan: list[Work], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         max_norm = self.defaults.get("max_grad_norm")

@@ -229,6 +229,27 @@ def test_a_param_put_in_place_of_an_earlier_one_is_refused_unchanged(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_moved_to_another_group_steps_with_its_lr_and_keeps_the_dict_users_hold(backend):
+    """b moves from group 0 (lr 1e-2, beside a) to group 1 (lr 0.5, beside c): from then on it
+    steps with group 1's lr, as AdamW does, its states carried over, and opt.state[b] stays the
+    dict a user (or a trainer's logger) already holds, refilled with the new tensors."""
+    (ours, opt), (theirs, ref) = pair([(4,), (4,), (4,)], backend)
+    for o, (a, b, c) in ((opt, ours), (ref, theirs)):
+        o.param_groups[0]["params"] = [a, b]
+        o.add_param_group({"params": [c], "lr": 0.5})
+    gen = torch.Generator().manual_seed(6)
+    step_both(ours, opt, theirs, ref, [torch.randn(4, generator=gen).to(DEVICE) for _ in range(3)])
+    held = opt.state[ours[1]]
+    for o, (a, b, c) in ((opt, ours), (ref, theirs)):
+        o.param_groups[0]["params"], o.param_groups[1]["params"] = [a], [c, b]
+    for _ in range(2):
+        step_both(ours, opt, theirs, ref, [torch.randn(4, generator=gen).to(DEVICE) for _ in range(3)])
+    assert_like_adamw(ours, opt, theirs, ref)
+    assert opt.state[ours[1]] is held and held["step"].item() == 3
+    torch.testing.assert_close(held["exp_avg"], ref.state[theirs[1]]["exp_avg"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_groups_reordered_with_their_params_swapped_step_with_each_groups_own_lr(backend):
     """Both at once: opt.param_groups reversed and the two groups' params swapped, so the group
     now first holds the params its index held before, under another lr. Each param must step with
