@@ -173,6 +173,40 @@ def test_states_reset_by_hand_start_afresh(backend, how):
     assert_like_adamw(ours, opt, theirs, ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_state_dict_replaced_by_hand_is_adopted_like_adamws(backend):
+    """opt.state replaced outright, as reset snippets do (`opt.state = defaultdict(dict)`), or
+    restored from plain copies of its entries: AdamW starts afresh or resumes from them, and so
+    do we. An entry set on the state object a user holds keeps that object the optimizer's."""
+    from collections import defaultdict
+
+    (ours, opt), (theirs, ref) = pair([(5,), (3,)], backend)
+    gen = torch.Generator().manual_seed(8)
+
+    def steps(k):
+        for _ in range(k):
+            step_both(ours, opt, theirs, ref, [torch.randn(p.shape, generator=gen).to(DEVICE) for p in ours])
+
+    steps(2)
+    for o in (opt, ref):
+        o.state = defaultdict(dict)
+    steps(2)
+    assert_like_adamw(ours, opt, theirs, ref)
+    assert opt.state[ours[0]]["step"].item() == 2
+    saved = [{p: {k: v.clone() for k, v in o.state[p].items()} for p in ps} for o, ps in ((opt, ours), (ref, theirs))]
+    steps(1)
+    opt.state, ref.state = saved
+    steps(2)
+    assert_like_adamw(ours, opt, theirs, ref)
+    assert opt.state[ours[0]]["step"].item() == 4
+    held = opt.state
+    held[ours[1]] = {}
+    ref.state[theirs[1]] = {}
+    steps(1)
+    assert opt.state is held
+    assert_like_adamw(ours, opt, theirs, ref)
+
+
 def test_the_same_param_twice_is_refused():
     p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match="param 2 of param group 0 is the same tensor as param 0"):
