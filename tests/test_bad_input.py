@@ -99,6 +99,25 @@ def test_a_param_turned_into_a_dtype_its_named_backend_cannot_step_is_refused_by
     assert all(torch.equal(opt.state[p][k], v) for k, v in before[0].items()) and torch.equal(q, before[1])
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C backend is not built here")
+def test_a_group_switched_by_hand_to_a_backend_that_cannot_step_its_params_is_refused():
+    """group["backend"] set between steps: its params' slots still fit, so it is the step's choice
+    of backend per bucket that refuses, naming the group; nothing changes."""
+    q, p = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(8, dtype=torch.float16))
+    opt = SNRAdamW([q])
+    opt.add_param_group({"params": [p]})
+    q.grad, p.grad = torch.ones(4), torch.ones(8, dtype=torch.float16)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}, q.detach().clone(), p.detach().clone()
+    opt.param_groups[1]["backend"] = "cpu"
+    with pytest.raises(RuntimeError) as e:
+        opt.step()
+    assert str(e.value) == ("backend='cpu' cannot step a torch.float16 param on cpu: it supports float32 and "
+                            "bfloat16 params; use backend='eager' or 'auto' for torch.float16 (param group 1)")
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[0].items())
+    assert torch.equal(q, before[1]) and torch.equal(p, before[2])
+
+
 def test_load_state_dict_rejects_bad_groups_and_keeps_state():
     p = torch.nn.Parameter(torch.ones(3))
     opt = SNRAdamW([p], backend="eager")
