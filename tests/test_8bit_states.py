@@ -588,3 +588,42 @@ def test_stochastic_rounding_of_bf16_params_with_8bit_states(backend):
         for key in KEYS:
             assert (opt.state[p][key + "_codes"] != st[key + "_codes"]).sum() <= 4
     assert not_nearest > 100  # rounded stochastically, not to nearest
+
+
+@pytest.mark.parametrize("backend", BACKENDS_8BIT)
+def test_exp_grad_var_deleted_by_hand_is_derived_from_the_codes_of_m_and_v(backend):
+    """A user resets s alone (del of its codes and scales): as for an AdamW checkpoint, the next
+    step derives it from m and v, here the values of their codes, which stay as they were. The
+    truth: float32 states holding those values and ALGORITHM.md's s (s-hat = max(v-hat - m-hat^2,
+    0)) computed here, stepped with the same grad; ours differ by the encoding of the derived s and
+    of the stepped states. Steps of small grads, then a large one: s then differs from its value
+    derived from m and v."""
+    gen = torch.Generator().manual_seed(12)
+    init = torch.randn(600, generator=gen)
+    hp = dict(lr=1e-2, betas=(0.8, 0.95), rho=0.9, gate="snr", alpha=0.7, backend=backend)
+    p = torch.nn.Parameter(init.clone().to(DEVICE))
+    opt = SNRAdamW([p], state_dtype=torch.uint8, **hp)
+    for size in (0.01, 0.01, 1.0):
+        p.grad = size * torch.randn(600, generator=gen).to(DEVICE)
+        opt.step()
+    values = opt.decoded_state(p)
+    t, (b1, b2), rho = 3, hp["betas"], hp["rho"]
+    mhat, vhat = values["exp_avg"].double() / (1 - b1**t), values["exp_avg_sq"].double() / (1 - b2**t)
+    derived = (torch.clamp(vhat - mhat * mhat, min=0) * (1 - rho**t)).float()
+    assert (derived - values["exp_grad_var"]).abs().max() > 0.5 * derived.abs().max()  # a reset that shows
+    q = torch.nn.Parameter(p.detach().clone())
+    twin = SNRAdamW([q], state_dtype=torch.float32, **hp)
+    twin.state[q] = {"step": values["step"].clone(), "exp_avg": values["exp_avg"].clone(),
+                     "exp_avg_sq": values["exp_avg_sq"].clone(), "exp_grad_var": derived}
+    del opt.state[p]["exp_grad_var_codes"], opt.state[p]["exp_grad_var_scales"]
+    g = torch.randn(600, generator=gen).to(DEVICE)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    twin.step()
+    ours, truth = opt.decoded_state(p), twin.state[q]
+    assert ours["step"].item() == truth["step"].item() == 4
+    for key in KEYS:  # within the 8-bit map's spacing near each block's absmax (1/32 suffices)
+        scale = truth[key].abs().max().item()
+        assert (ours[key] - truth[key]).abs().max().item() <= scale / 32, key
+    assert (p.detach() - q.detach()).abs().max().item() <= 1e-2 * hp["lr"]
+    assert (p.detach() - init.to(DEVICE)).abs().max().item() > 10 * hp["lr"] * 1e-2

@@ -665,3 +665,92 @@ def test_a_param_resized_after_its_grad_was_given_is_refused(backend):
     with pytest.raises(RuntimeError, match=r"grad does not match its param \(param 0 of param group 0\)"):
         opt.step()
     assert_unchanged(before, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bucket_growing_past_its_first_step_counters_steps_like_adamw(backend):
+    """A bucket's step counters are one tensor, made for 16 params and doubled as more join:
+    params whose first grad comes after others have stepped grow it (twice here, to 64), and the
+    entry a user holds keeps showing its param's live counter."""
+    n = 40
+    (ours, opt), (theirs, ref) = pair([(3,)] * n, backend)
+    gen = torch.Generator().manual_seed(5)
+    held = None
+    for k in range(5):
+        active = 10 if k < 2 else n
+        step_both(ours, opt, theirs, ref,
+                  [torch.randn(3, generator=gen).to(DEVICE) if i < active else None for i in range(n)])
+        if k == 0:
+            held = opt.state[ours[0]]
+    assert opt.state[ours[0]] is held and held["step"].item() == 5
+    assert opt.state[ours[-1]]["step"].item() == 3
+    assert_like_adamw(ours, opt, theirs, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.uint8], ids=["fp32_states", "8bit_states"])
+def test_a_float64_default_dtype_changes_no_step(backend, state_dtype):
+    """Scientific code sets torch.set_default_dtype(torch.float64); the optimizer's own buffers
+    (step counters, grown ones too, and 8-bit scales) must not follow it. The truth: the same run
+    under the float32 default, bit for bit."""
+
+    def run():
+        gen = torch.Generator().manual_seed(6)
+        params = [torch.nn.Parameter(torch.randn(300, generator=gen, dtype=torch.float32).to(DEVICE))
+                  for _ in range(20)]
+        opt = SNRAdamW(params, lr=1e-2, alpha=0.7, state_dtype=state_dtype, backend=backend)
+        for k in range(3):
+            for i, p in enumerate(params):
+                g = torch.randn(300, generator=gen, dtype=torch.float32).to(DEVICE)
+                p.grad = g if k or i < 8 else None  # 12 join at the second step: the counters grow
+            opt.step()
+        return [p.detach().clone() for p in params], [opt.decoded_state(p) for p in params]
+
+    want = run()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = run()
+    finally:
+        torch.set_default_dtype(before)
+    for a, b in zip(got[0], want[0]):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    for i, (mine, truth) in enumerate(zip(*(got[1], want[1]))):
+        assert mine.keys() == truth.keys()
+        for key, value in truth.items():
+            assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), (i, key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["update_dict", "update_kwargs", "ior", "setdefault"])
+def test_state_entries_written_through_dict_methods_are_adopted(backend, how):
+    """Every way of writing a dict counts as a write of the state: update() with a dict or with
+    keywords, |=, and setdefault(), which returns the value held (or, for a key deleted first,
+    the one given, which the next step adopts). AdamW gets the same writes."""
+    (ours, opt), (theirs, ref) = pair([(6,), (4,)], backend)
+    gen = torch.Generator().manual_seed(7)
+
+    def steps(k):
+        for _ in range(k):
+            step_both(ours, opt, theirs, ref, [torch.randn(p.shape, generator=gen).to(DEVICE) for p in ours])
+
+    steps(2)
+    for o, params in ((opt, ours), (ref, theirs)):
+        entry = o.state[params[0]]
+        new = torch.full_like(params[0], 0.25)
+        if how == "update_dict":
+            entry.update({"exp_avg": new})
+        elif how == "update_kwargs":
+            entry.update(exp_avg=new)
+        elif how == "ior":
+            entry |= {"exp_avg": new}
+            assert o.state[params[0]] is entry
+        else:
+            held = entry["exp_avg_sq"]
+            assert entry.setdefault("exp_avg_sq", torch.zeros_like(new)) is held
+            del entry["exp_avg"]
+            assert entry.setdefault("exp_avg", new) is new
+        assert o.state[params[0]]["exp_avg"] is new
+    assert set(opt.state[ours[0]]) == {"step", *KEYS, "exp_grad_var"}
+    steps(2)
+    assert_like_adamw(ours, opt, theirs, ref)

@@ -145,3 +145,33 @@ def test_the_gate_is_closed_where_there_is_no_signal_and_no_noise(backend, gate)
                                    reference.new_state(torch.ones(40)), **{**hyper(Case(gate=gate))[0], "weight_decay": 0.0})
     assert ref["q"].abs().max().item() == 0
     assert opt.stats()["mean_gate"] == 0 and torch.equal(p.detach(), torch.ones(40, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_param_stats_of_active_sets_of_different_sizes_are_each_params_own(backend):
+    """A bucket keeps a stats buffer per active-set size: steps over 2, 4, another 2, then 4
+    params of one bucket each report every stepped param's own sums, and only those params. The
+    truth: each param stepped by an optimizer of its own."""
+    from snr_triton import SNRAdamW
+
+    gen = torch.Generator().manual_seed(9)
+    init = {k: torch.randn(7, generator=gen).to(DEVICE) for k in "abcd"}
+    hp = dict(lr=1e-2, gate="snr", alpha=0.7, backend=backend, track_stats=True)
+    ours = {k: torch.nn.Parameter(x.clone()) for k, x in init.items()}
+    opt = SNRAdamW(list(ours.items()), **hp)
+    alone = {k: torch.nn.Parameter(x.clone()) for k, x in init.items()}
+    solos = {k: SNRAdamW([(k, p)], **hp) for k, p in alone.items()}
+    for active in ("ab", "abcd", "cd", "abcd"):
+        for k in "abcd":
+            g = torch.randn(7, generator=gen).to(DEVICE) if k in active else None
+            ours[k].grad, alone[k].grad = g, None if g is None else g.clone()
+        opt.step()
+        for k in active:
+            solos[k].step()
+        per_param = opt.stats(per_param=True)["params"]
+        assert set(per_param) == set(active)
+        for k in active:
+            assert torch.equal(ours[k].detach(), alone[k].detach()), (active, k)
+            want = solos[k].stats(per_param=True)["params"][k]
+            for key, value in want.items():
+                assert per_param[k][key] == pytest.approx(value, rel=1e-6), (active, k, key)

@@ -238,3 +238,17 @@ def test_zero_grads_step_every_gate_as_the_reference(backend, gate):
     p, opt, ref = step_beside_reference(init, grads, backend, hp)
     torch.testing.assert_close(p.detach().cpu().double(), ref, rtol=1e-6, atol=1e-7)
     assert opt.state[p]["step"].item() == 4
+
+
+def test_the_state_of_a_param_that_never_stepped_reads_as_an_empty_dict_like_adamws():
+    """opt.state is torch's defaultdict(dict): code that reads opt.state[p] for any param (a
+    logger, a state-offloading hook) gets {} for one without states, before and after steps."""
+    ours = [torch.nn.Parameter(torch.ones(3, device=DEVICE)) for _ in range(2)]
+    theirs = [torch.nn.Parameter(torch.ones(3, device=DEVICE)) for _ in range(2)]
+    opt, ref = SNRAdamW(ours, lr=1e-2), torch.optim.AdamW(theirs, lr=1e-2)
+    assert opt.state[ours[0]] == {} == ref.state[theirs[0]]
+    for params, o in ((ours, opt), (theirs, ref)):
+        params[1].grad = torch.ones(3, device=DEVICE)
+        o.step()
+    assert opt.state[ours[0]] == {} == ref.state[theirs[0]]
+    assert opt.state[ours[1]]["step"].item() == ref.state[theirs[1]]["step"].item() == 1
