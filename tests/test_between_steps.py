@@ -678,6 +678,10 @@ def test_a_bucket_growing_past_its_first_step_counters_steps_like_adamw(backend)
     held = None
     for k in range(5):
         active = 10 if k < 2 else n
+        if k == 2:  # a state replaced by hand just before the step that grows the counters: adopted
+            for o, params in ((opt, ours), (ref, theirs)):
+                o.state[params[3]]["exp_avg"] = torch.full((3,), 0.5, device=DEVICE)
+                o.state[params[7]]["exp_avg_sq"] = torch.full((3,), 2.0, device=DEVICE)
         step_both(ours, opt, theirs, ref,
                   [torch.randn(3, generator=gen).to(DEVICE) if i < active else None for i in range(n)])
         if k == 0:
