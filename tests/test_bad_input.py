@@ -245,3 +245,30 @@ def test_lr_zero_is_valid_and_moves_nothing(lr):
     p.grad = torch.randn(5)
     opt.step()
     assert torch.equal(p.detach(), before)
+
+
+def test_add_param_groups_refusals_name_the_group_and_add_nothing():
+    """The group's index ends each message (the constructor's groups and later ones alike), and
+    a refused group leaves the optimizer as it was."""
+    P = torch.nn.Parameter
+    opt = SNRAdamW([P(torch.ones(3))])
+    a = P(torch.ones(2))
+    refused = [
+        ({"params": [P(torch.ones(2))], "lr": -1.0}, ValueError, "lr must be in [0.0, inf), got -1.0 (param group 1)"),
+        ({"params": [P(torch.ones(2, dtype=torch.float16))], "backend": "cpu"}, RuntimeError,
+         "backend='cpu' cannot step a torch.float16 param on cpu: it supports float32 and bfloat16 params; use "
+         "backend='eager' or 'auto' for torch.float16 (param group 1)"),
+        ({"params": [("a", a), ("a2", a)]}, ValueError,
+         "param 1 ('a2') of param group 1 is the same tensor as param 0 of that group: each param may appear once "
+         "(it would be stepped twice)"),
+        ({"params": [P(torch.ones(2))], "max_grad_norm": 1.0}, ValueError,
+         "max_grad_norm is the whole optimizer's (one norm over every group): pass it to "
+         "SNRAdamW(..., max_grad_norm=...), not in param group 1"),
+    ]
+    for group, error, message in refused:
+        if "cpu" not in BACKENDS and error is RuntimeError:
+            continue  # the C backend is not built here
+        with pytest.raises(error) as e:
+            opt.add_param_group(group)
+        assert str(e.value) == message
+        assert len(opt.param_groups) == 1 and not opt.state

@@ -252,3 +252,38 @@ def test_the_state_of_a_param_that_never_stepped_reads_as_an_empty_dict_like_ada
         o.step()
     assert opt.state[ours[0]] == {} == ref.state[theirs[0]]
     assert opt.state[ours[1]]["step"].item() == ref.state[theirs[1]]["step"].item() == 1
+
+
+def test_the_defaults_are_adamws_and_the_specs():
+    """lr, betas, eps, weight_decay and maximize as torch.optim.AdamW's; the SNR ones as
+    ALGORITHM.md's table gives them."""
+    p = torch.nn.Parameter(torch.ones(3))
+    ours, theirs = SNRAdamW([p]).defaults, torch.optim.AdamW([p]).defaults
+    assert {k: ours[k] for k in ("lr", "betas", "eps", "weight_decay", "maximize")} == \
+        {k: theirs[k] for k in ("lr", "betas", "eps", "weight_decay", "maximize")}
+    assert {k: ours[k] for k in ("rho", "gate", "alpha", "softness", "gate_eps", "warmup_steps", "max_grad_norm")} == \
+        {"rho": 0.99, "gate": "snr", "alpha": 1.0, "softness": 1.0, "gate_eps": 1e-16, "warmup_steps": 0,
+         "max_grad_norm": None}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_group_added_as_one_tensor_not_in_a_list_steps_like_adamws(backend):
+    """torch.optim accepts {"params": tensor} in add_param_group: the tensor is the group's one
+    param (not its rows)."""
+    torch.manual_seed(0)
+    v, w = torch.randn(2, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+    ours = [torch.nn.Parameter(v.clone()), torch.nn.Parameter(w.clone())]
+    theirs = [torch.nn.Parameter(v.clone()), torch.nn.Parameter(w.clone())]
+    opt = SNRAdamW([ours[0]], gate="none", backend=backend)
+    ref = torch.optim.AdamW([theirs[0]])
+    opt.add_param_group({"params": ours[1], "lr": 0.05})
+    ref.add_param_group({"params": theirs[1], "lr": 0.05})
+    assert len(opt.param_groups[1]["params"]) == 1 and opt.param_groups[1]["params"][0] is ours[1]
+    for k in range(3):
+        grads = [torch.randn(2, device=DEVICE), torch.randn(3, 4, device=DEVICE)]
+        for o, params in ((opt, ours), (ref, theirs)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            o.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-7)
