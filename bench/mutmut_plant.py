@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutants import Mutant, run  # noqa: E402  (the same copy-plant-test loop as the hand-written list)
+from mutants import ROOT, Mutant, run  # noqa: E402  (the same copy-plant-test loop as the hand-written list)
 
 
 def mutant_names(repo: Path, pattern: str) -> list[str]:
@@ -34,23 +34,48 @@ def as_mutant(repo: Path, name: str, tests: tuple[str, ...]) -> Mutant | None:
     """One mutmut mutant as a planted one: its diff's hunk (context lines kept, so a line that
     occurs twice in the file is found in its own place)."""
     out = subprocess.run(["mutmut", "show", name], cwd=repo, capture_output=True, text=True).stdout
-    path, old, new, changed = None, [], [], False
+    path, hunk = None, []  # (" ", "-" or "+", the line)
     for line in out.splitlines():
         if line.startswith("--- "):
             path = line[4:].strip()
         elif line.startswith(("+++", "@@", "#")) or path is None:
             continue
-        elif line.startswith("-"):
-            old.append(line[1:])
-            changed = True
-        elif line.startswith("+"):
-            new.append(line[1:])
-        else:  # context
-            old.append(line[1:])
-            new.append(line[1:])
-    if not changed:
+        else:
+            hunk.append((line[:1] or " ", line[1:]))
+    if not any(kind == "-" for kind, _ in hunk):
         return None
-    return Mutant(name, path, "\n".join(old) + "\n", "\n".join(new) + "\n", tests)
+    return in_place(name, path, hunk, tests)
+
+
+def in_place(name: str, path: str, hunk: list[tuple[str, str]], tests: tuple[str, ...]) -> Mutant:
+    """mutmut shows a method one level out (it holds methods outside their class), the first line
+    of each statement dedented and its continuation lines not: the hunk's lines are found in the
+    source by their text without indentation, and each line put in takes the indentation of the
+    line it replaces."""
+    def joined(lines: list[str]) -> str:
+        return "".join(line + "\n" for line in lines)
+    old = [text for kind, text in hunk if kind != "+"]
+    mutant = Mutant(name, path, joined(old), joined([text for kind, text in hunk if kind != "-"]), tests)
+    source = (ROOT / path).read_text().splitlines()
+    if joined(source).count(mutant.original) == 1:
+        return mutant
+    key = [line.strip() for line in old]
+    starts = [i for i in range(len(source) - len(old) + 1) if [ln.strip() for ln in source[i:i + len(old)]] == key]
+    if len(starts) != 1:
+        return mutant  # reported stale by run()
+    at, mutated, indent, previous = starts[0], [], "", " "
+    for kind, text in hunk:
+        if kind == "+":
+            mutated.append(indent + text.lstrip())
+        else:
+            line = source[at]
+            at += 1
+            if kind == " ":
+                mutated.append(line)
+            elif previous != "-":  # the first line of those removed: what is put in starts there
+                indent = line[:len(line) - len(line.lstrip())]
+        previous = kind
+    return Mutant(name, path, joined(source[starts[0]:at]), joined(mutated), tests)
 
 
 def main() -> None:
