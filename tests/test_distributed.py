@@ -315,17 +315,22 @@ def test_fsdp2_with_8bit_states_equals_its_shards_stepped_in_one_process_and_res
 MESH_2D = (2, 2)  # (dp, tp): 4 ranks
 # name: (shape, placements per mesh dim: "S<d>" sharded along param dim d, "R" replicated). Uneven
 # splits (7 rows: 4 + 3; 9 rows: 5 + 4; 601 columns: 151, 150, 150, 150) so shards hold different
-# block counts; HSDP's (Replicate, Shard); one param dim sharded over both mesh dims (strided).
+# block counts; HSDP's (Replicate, Shard); one param dim sharded over both mesh dims (strided); a
+# complex param whose shards need twice their element count in blocks (450 complex: 4 blocks, not 2).
 PARAMS_2D = {"fsdp_tp": ((7, 300), ("S0", "S1")), "hsdp": ((9, 60), ("R", "S0")),
-             "dim_twice": ((5, 601), ("S1", "S1")), "replicated": ((3, 90), ("R", "R")), "plain": ((6, 50), ("R", "R"))}
+             "dim_twice": ((5, 601), ("S1", "S1")), "replicated": ((3, 90), ("R", "R")), "plain": ((6, 50), ("R", "R")),
+             "complex": ((5, 300), ("S0", "S1"))}
 PLAIN_2D = {"plain"}  # a plain tensor beside the DTensors (each rank holds all of it, like replicated)
+COMPLEX_2D = {"complex"}  # complex64: states of its real view, (..., 2), twice the elements in blocks
 STEPS_2D, MAX_NORM_2D = 4, 5.0
 
 
 def _data_2d():
     gen = torch.Generator().manual_seed(3)
-    init = {n: torch.randn(shape, generator=gen) for n, (shape, _) in PARAMS_2D.items()}
-    grads = [{n: torch.randn(shape, generator=gen) for n, (shape, _) in PARAMS_2D.items()} for _ in range(STEPS_2D)]
+    dtype = {n: torch.complex64 if n in COMPLEX_2D else torch.float32 for n in PARAMS_2D}
+    init = {n: torch.randn(shape, generator=gen, dtype=dtype[n]) for n, (shape, _) in PARAMS_2D.items()}
+    grads = [{n: torch.randn(shape, generator=gen, dtype=dtype[n]) for n, (shape, _) in PARAMS_2D.items()}
+             for _ in range(STEPS_2D)]
     return init, grads
 
 
@@ -382,7 +387,8 @@ def _mesh_2d_8bit(rank, port, backend, out, ckpt):
         st, st2 = opt.state[p], opt2.state[q]
         result["params"][n] = local(p).detach().clone()
         result["states"][n] = {k: (local(v).clone(), tuple(v.shape), [pl.dim if pl.is_shard() else None
-                                                                       for pl in getattr(v, "placements", ())])
+                                                                       for pl in getattr(v, "placements", ())],
+                                   tuple(v.stride()))
                                for k, v in st.items() if k != "step"}
         result["resumed_equal"] &= torch.equal(local(p), local(q)) and all(
             torch.equal(local(v), local(st2[k])) for k, v in st.items() if k != "step")
@@ -421,9 +427,10 @@ def test_8bit_states_on_a_2d_mesh_equal_each_ranks_shard_stepped_in_one_process(
         for n, (shape, where) in PARAMS_2D.items():
             q = distinct[(n, _shard_key(where, c))]
             torch.testing.assert_close(got["params"][n], q.detach(), rtol=0, atol=1e-6)
-            largest = max(codebook.blocks(_local_2d(init[n], where, cc).numel()) for cc in coords)
+            real = 2 if n in COMPLEX_2D else 1  # a complex element is two reals in the blocks
+            largest = max(codebook.blocks(real * _local_2d(init[n], where, cc).numel()) for cc in coords)
             layout = tuple(1 if w == "R" else m for w, m in zip(where, MESH_2D))
-            for key, (held, global_shape, placements) in got["states"][n].items():
+            for key, (held, global_shape, placements, stride) in got["states"][n].items():
                 want = opt.state[q][key]
                 if n in PLAIN_2D:  # a plain param's own states
                     assert held.shape == want.shape and not placements, (n, key)
@@ -431,7 +438,9 @@ def test_8bit_states_on_a_2d_mesh_equal_each_ranks_shard_stepped_in_one_process(
                         torch.testing.assert_close(held, want, rtol=1e-5, atol=0)
                         continue
                 if key.endswith("_codes"):  # placed like the param; a clipping coefficient's rounding
-                    assert global_shape == shape and held.shape == want.shape, (n, key)  # may cross a midpoint
+                    whole = (*shape, 2) if n in COMPLEX_2D else shape  # may cross a midpoint
+                    assert global_shape == whole and held.shape == want.shape, (n, key)
+                    assert stride == torch.empty(whole, device="meta").stride(), (n, key)  # as the whole's
                     assert n in PLAIN_2D or placements == [None if w == "R" else int(w[1:]) for w in where], (n, key)
                     apart = (held.int() - want.int()).abs()
                     assert apart.max() <= 1 and (apart > 0).float().mean() <= 0.01, (n, key)
