@@ -42,8 +42,10 @@ EIGHT_BIT_TESTS = ("tests/test_8bit_states.py", "tests/test_cpu.py")
 
 MUTANTS = [
     # the C kernel
-    Mutant("c: 8-bit ties to the upper code", C, "codes[i] = (uint8_t)(base + (thresholds[base] < y));",
-           "codes[i] = (uint8_t)(base + (thresholds[base] <= y));", EIGHT_BIT_TESTS),
+    Mutant("c: 8-bit ties to the upper code", C, "const int32_t above = low > (entry >> 8);",
+           "const int32_t above = low >= (entry >> 8);", EIGHT_BIT_TESTS),
+    Mutant("c: 8-bit negative y's low bits compared as a positive's", C, "low = (bits ^ (bits >> 31)) &",
+           "low = bits &", EIGHT_BIT_TESTS),
     Mutant("c: 8-bit scale pointer not advanced per chunk", C,
            "(float *)(intptr_t)row[ROW_EXP_AVG_SCALES_ADDR] + start / CODE_BLOCK;",
            "(float *)(intptr_t)row[ROW_EXP_AVG_SCALES_ADDR];", EIGHT_BIT_TESTS),
@@ -53,6 +55,9 @@ MUTANTS = [
     Mutant("c: 8-bit zero block divides by 0", C, "const float d = a == 0.0f ? 1.0f : a;", "const float d = a;",
            EIGHT_BIT_TESTS),
     Mutant("c: 8-bit lookup drops the sign", C, "+ (bits < 0 ? LUT_HALF : 0);", "+ 0;", EIGHT_BIT_TESTS),
+    Mutant("8-bit: a packed entry's negative threshold not reversed", "snr_triton/codebook.py",
+           "low = torch.where(torch.arange(2 * LUT_HALF) >= LUT_HALF, ~low & ((1 << LOW_BITS) - 1), low)",
+           "low = low", EIGHT_BIT_TESTS),
     Mutant("8-bit: thresholds rounded up, not down", "snr_triton/codebook.py",
            "torch.where(down.double() > exact, lower, down)", "down", EIGHT_BIT_TESTS),
     Mutant("8-bit: a zero block encoded from 0 / 0", "snr_triton/codebook.py",

@@ -166,12 +166,13 @@ DEFINE_CHUNK(chunk_f32_bf16, float, ID, ID, uint16_t, bf16_to_f32, f32_to_bf16)
 DEFINE_CHUNK(chunk_bf16_f32, uint16_t, bf16_to_f32, f32_to_bf16, float, ID, ID)
 DEFINE_CHUNK(chunk_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 
-/* One 8-bit code table (snr_triton/codebook.py kernel_tables): the 256 values, the 255 thresholds
- * (+inf after them) and, per lookup bucket of y's sign, exponent and top mantissa bits, the code
- * of the bucket's smallest y. */
+/* One 8-bit code table (snr_triton/codebook.py): the 256 values and, per lookup bucket of y's
+ * sign, exponent and top mantissa bits, packed_lut's entry: the code of the bucket's smallest y
+ * (bits 0-7), whether a threshold lies in the bucket (bit 8), its mantissa bits below the
+ * bucket's (bits 9 on). */
 typedef struct {
-    const float *values, *thresholds;
-    const int32_t *lut;
+    const float *values;
+    const int32_t *packed;
 } Codes;
 
 static inline void decode_block(const uint8_t *restrict codes, float scale, const float *restrict values,
@@ -186,7 +187,7 @@ static inline void decode_block(const uint8_t *restrict codes, float scale, cons
 /* scale = max |x| over the block; codes of x / scale (x / 1 = 0 everywhere when the scale is 0): the
  * nearest code, ties to the lower (the threshold search of codebook.encode), found from y's lookup
  * bucket (sign, exponent, top mantissa bits) with one comparison, as a bucket holds at most one
- * threshold. */
+ * threshold: y's low mantissa bits against the threshold's, both in the entry's one gather. */
 static inline void encode_block(const float *restrict x, int n, const Codes *c, uint8_t *restrict codes,
                                 float *restrict scale) {
     float a = 0.0f;
@@ -194,8 +195,7 @@ static inline void encode_block(const float *restrict x, int n, const Codes *c, 
     for (int i = 0; i < n; i++) { const float ax = fabsf(x[i]); a = ax > a ? ax : a; }
     *scale = a;
     const float d = a == 0.0f ? 1.0f : a;
-    const int32_t *restrict lut = c->lut;
-    const float *restrict thresholds = c->thresholds;
+    const int32_t *restrict packed = c->packed;
     _Pragma("omp simd")
     for (int i = 0; i < n; i++) {
         const float y = x[i] / d;
@@ -204,8 +204,9 @@ static inline void encode_block(const float *restrict x, int n, const Codes *c, 
         const int32_t k = (e < LUT_EXP_MIN ? 0 : ((e - LUT_EXP_MIN) << LUT_MANTISSA_BITS)
                            | ((mag >> (23 - LUT_MANTISSA_BITS)) & ((1 << LUT_MANTISSA_BITS) - 1)))
                           + (bits < 0 ? LUT_HALF : 0);
-        const int32_t base = lut[k];
-        codes[i] = (uint8_t)(base + (thresholds[base] < y));
+        const int32_t entry = packed[k], low = (bits ^ (bits >> 31)) & ((1 << (23 - LUT_MANTISSA_BITS)) - 1);
+        const int32_t above = low > (entry >> 8);
+        codes[i] = (uint8_t)((entry & 0xFF) + above);
     }
 }
 
@@ -323,8 +324,8 @@ static void run_parallel(void *(*fn)(void *), void *work, size_t size, int threa
  * the row of each chunk of `block` elements. stats: [nchunks][STAT_COLUMNS] or NULL. Chunks are
  * split evenly over `threads` threads, the caller's one. state_kind: STATE_F32, STATE_BF16 or
  * STATE_U8; for 8-bit states `block` is a multiple of CODE_BLOCK and `codebook` holds the signed
- * then the unsigned table as 256 values, 256 thresholds (floats), then the two lookup tables of
- * 2 * LUT_HALF int32 each. */
+ * then the unsigned table as 256 values, 256 thresholds (floats), then two lookup tables of
+ * 2 * LUT_HALF int32 each (the Triton kernel's), then the two packed_lut tables of as many. */
 int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nchunks, int64_t block,
                    const float *steps, const Hyper *h, int gate,
                    int maximize, int param_bf16, int state_kind, double *stats, int threads, const int32_t *codebook) {
@@ -334,8 +335,7 @@ int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nch
         if (block % CODE_BLOCK != 0 || !codebook) return -1;
         for (int t = 0; t < 2; t++) {
             codes[t].values = (const float *)(codebook + 512 * t);
-            codes[t].thresholds = (const float *)(codebook + 512 * t + 256);
-            codes[t].lut = codebook + 1024 + 2 * LUT_HALF * t;
+            codes[t].packed = codebook + 1024 + 4 * LUT_HALF + 2 * LUT_HALF * t;
         }
     }
     threads = thread_count(threads, nchunks);

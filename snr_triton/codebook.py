@@ -168,13 +168,50 @@ def lookup_code(y: Tensor, signed: bool) -> Tensor:
     return (b + (thresholds[b] < y).long()).to(torch.uint8)
 
 
+LOW_BITS = 23 - LUT_MANTISSA_BITS  # the mantissa bits of y below its lookup bucket's
+
+
+def packed_lut(signed: bool) -> Tensor:
+    """The C kernel's lookup table: per bucket, in one int32, the code of its smallest y (bits
+    0-7), whether a threshold lies in the bucket (bit 8) and that threshold's mantissa bits below
+    the bucket's (bits 9 on). y and the threshold share sign, exponent and top mantissa bits, so
+    comparing those low bits is comparing the two (reversed for negatives): one gather per element
+    instead of a gather of the code and then a dependent one of its threshold."""
+    mids = midpoints(signed)
+    _, _, base = kernel_tables(signed)
+    small, large = _bucket_ends(torch.arange(2 * LUT_HALF, dtype=torch.int64))
+    sentinel = torch.cat([mids, torch.tensor([float("inf")])])
+    t = sentinel[base.long()]
+    inside = (t >= small) & (t <= large)
+    assert not inside[0] and not inside[LUT_HALF], "bucket 0 spans several exponents: no threshold may lie in it"
+    low = t.abs().view(torch.int32) & ((1 << LOW_BITS) - 1)
+    low = torch.where(torch.arange(2 * LUT_HALF) >= LUT_HALF, ~low & ((1 << LOW_BITS) - 1), low)
+    return base | torch.where(inside, low, (1 << LOW_BITS) - 1) << 8
+
+
+def packed_lookup_code(y: Tensor, signed: bool) -> Tensor:
+    """The C kernel's encoding of y = x / scale through `packed_lut`, in torch (tests check it
+    against `encode`'s search)."""
+    bits = y.view(torch.int32).long()
+    mag = bits & 0x7FFFFFFF
+    e = (mag >> 23).clamp(max=127)
+    k = torch.where(e < LUT_EXP_MIN, 0, ((e - LUT_EXP_MIN) << LUT_MANTISSA_BITS)
+                    | ((mag >> LOW_BITS) & ((1 << LUT_MANTISSA_BITS) - 1)))
+    k = k + torch.where(bits < 0, LUT_HALF, 0)
+    entry = packed_lut(signed)[k].long()
+    low = (mag ^ torch.where(bits < 0, -1, 0)) & ((1 << LOW_BITS) - 1)
+    above = low > (entry >> 8)
+    return ((entry & 0xFF) + above.long()).to(torch.uint8)
+
+
 _kernel_buffers: dict[torch.device, Tensor] = {}
 
 
 def kernel_buffer(device: torch.device | str = "cpu") -> Tensor:
     """The tables both fused kernels read, in one int32 buffer (floats by their bits), kept per
     device: the signed then the unsigned table's 256 values and 256 thresholds (the last +inf),
-    then the two lookup tables of 2 * LUT_HALF codes each."""
+    then the two lookup tables of 2 * LUT_HALF codes each, then the two `packed_lut`s (the C
+    kernel's) of as many entries."""
     device = torch.device(device)
     buf = _kernel_buffers.get(device)
     if buf is None:
@@ -183,5 +220,6 @@ def kernel_buffer(device: torch.device | str = "cpu") -> Tensor:
             values, thresholds, _ = kernel_tables(signed)
             parts += [values.view(torch.int32), thresholds.view(torch.int32)]
         parts += [kernel_tables(signed)[2] for signed in (True, False)]
+        parts += [packed_lut(signed) for signed in (True, False)]
         buf = _kernel_buffers[device] = torch.cat(parts).to(device)
     return buf
