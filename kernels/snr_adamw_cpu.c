@@ -168,8 +168,8 @@ DEFINE_CHUNK(chunk_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16
 
 /* One 8-bit code table (snr_triton/codebook.py): the 256 values and, per lookup bucket of y's
  * sign, exponent and top mantissa bits, packed_lut's entry: the code of the bucket's smallest y
- * (bits 0-7), whether a threshold lies in the bucket (bit 8), its mantissa bits below the
- * bucket's (bits 9 on). */
+ * (bits 0-7) and the low mantissa bits of the threshold in the bucket (inverted in negative
+ * buckets; all ones where there is none). */
 typedef struct {
     const float *values;
     const int32_t *packed;

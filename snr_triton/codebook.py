@@ -173,10 +173,11 @@ LOW_BITS = 23 - LUT_MANTISSA_BITS  # the mantissa bits of y below its lookup buc
 
 def packed_lut(signed: bool) -> Tensor:
     """The C kernel's lookup table: per bucket, in one int32, the code of its smallest y (bits
-    0-7), whether a threshold lies in the bucket (bit 8) and that threshold's mantissa bits below
-    the bucket's (bits 9 on). y and the threshold share sign, exponent and top mantissa bits, so
-    comparing those low bits is comparing the two (reversed for negatives): one gather per element
-    instead of a gather of the code and then a dependent one of its threshold."""
+    0-7) and from bit 8 on the mantissa bits below the bucket's of the threshold in it, inverted in
+    the negative buckets, or all ones where no threshold lies in it. y and a threshold in its bucket
+    share sign, exponent and top mantissa bits, so y is above it exactly when y's low bits
+    (inverted too when negative) exceed the entry's: one gather per element, instead of the code's
+    and then, dependent on it, its threshold's."""
     mids = midpoints(signed)
     _, _, base = kernel_tables(signed)
     small, large = _bucket_ends(torch.arange(2 * LUT_HALF, dtype=torch.int64))
