@@ -101,6 +101,10 @@ MUTANTS = [
     # the Triton kernel (interpreted)
     Mutant("triton: update sign", TRITON, "p = p - (lr / bc1) * (q * m / denom)", "p = p + (lr / bc1) * (q * m / denom)",
            TRITON_TESTS),
+    Mutant("triton: 8-bit ties to the upper code", TRITON, "tl.where(low > (entry >> 8), 1, 0)",
+           "tl.where(low >= (entry >> 8), 1, 0)", ("tests/test_8bit_states.py",)),
+    Mutant("triton: 8-bit negative y's low bits compared as a positive's", TRITON,
+           "low = (bits ^ (bits >> 31)) & LUT_LOW_MASK", "low = bits & LUT_LOW_MASK", ("tests/test_8bit_states.py",)),
     Mutant("triton: masked tail short by one", TRITON, "mask = offs < numel", "mask = offs < numel - 1", TRITON_TESTS),
     Mutant("triton: t = 1 rule dropped", TRITON, "b = tl.where(first, a, tl.sqrt_rn(s) * bc1_over_sqrt_bc3)",
            "b = tl.sqrt_rn(s) * bc1_over_sqrt_bc3", TRITON_TESTS),

@@ -36,6 +36,7 @@ LUT_MANTISSA_BITS = tl.constexpr(contract.LUT_MANTISSA_BITS)
 LUT_HALF = tl.constexpr(contract.LUT_HALF)
 LUT_SHIFT = tl.constexpr(23 - contract.LUT_MANTISSA_BITS)  # the mantissa bits a bucket drops
 LUT_MANTISSA_MASK = tl.constexpr((1 << contract.LUT_MANTISSA_BITS) - 1)
+LUT_LOW_MASK = tl.constexpr((1 << (23 - contract.LUT_MANTISSA_BITS)) - 1)  # the mantissa bits below a bucket's
 GATE_NONE = tl.constexpr(contract.GATE_IDS["none"])
 GATE_SNR = tl.constexpr(contract.GATE_IDS["snr"])
 GATE_SOFT = tl.constexpr(contract.GATE_IDS["soft"])
@@ -132,11 +133,12 @@ def _decode(codes, scales_ptr, offs, mask, values_ptr):
 
 
 @triton.jit
-def _encode(x, mask, codes_ptr, scales_ptr, offs, start, numel, thresholds_ptr, lut_ptr, BLOCK: tl.constexpr,
+def _encode(x, mask, codes_ptr, scales_ptr, offs, start, numel, lut_ptr, BLOCK: tl.constexpr,
             MASKED: tl.constexpr):
     """Each code block's scale (max |x|) and the codes of x / scale (ALGORITHM.md "8-bit states"):
     y's sign, exponent and top mantissa bits pick a lookup bucket, which holds the code of its
-    smallest y and at most one threshold, so one comparison finishes it (as the C kernel)."""
+    smallest y and at most one threshold, whose low mantissa bits (codebook.packed_lut) one
+    comparison with y's finishes it (as the C kernel)."""
     ax = tl.where(mask, tl.abs(x), 0.0)
     a = tl.max(tl.reshape(ax, [BLOCK // CODE_BLOCK, CODE_BLOCK]), axis=1)
     a_each = tl.reshape(tl.broadcast_to(a[:, None], [BLOCK // CODE_BLOCK, CODE_BLOCK]), [BLOCK])
@@ -147,8 +149,9 @@ def _encode(x, mask, codes_ptr, scales_ptr, offs, start, numel, thresholds_ptr, 
     k = tl.where(e < LUT_EXP_MIN, 0,
                  ((e - LUT_EXP_MIN) << LUT_MANTISSA_BITS) | ((mag >> LUT_SHIFT) & LUT_MANTISSA_MASK))
     k = k + tl.where(bits < 0, LUT_HALF, 0)
-    base = tl.load(lut_ptr + k)
-    code = (base + tl.where(tl.load(thresholds_ptr + base) < y, 1, 0)).to(tl.uint8)
+    entry = tl.load(lut_ptr + k)
+    low = (bits ^ (bits >> 31)) & LUT_LOW_MASK  # inverted when negative, as the entry's threshold bits
+    code = ((entry & 0xFF) + tl.where(low > (entry >> 8), 1, 0)).to(tl.uint8)
     if MASKED:
         tl.store(codes_ptr, code, mask=mask)
     else:
@@ -242,15 +245,15 @@ def snr_adamw_kernel(
                                mask, True)
 
     CODED: tl.constexpr = STATE_DTYPE == tl.uint8
-    if CODED:  # 8-bit states: code_values_ptr holds the signed then the unsigned table (values,
-        # thresholds; 256 each), code_lut_ptr the two lookup tables (codebook.kernel_buffer from
-        # its element 1024 on)
+    if CODED:  # 8-bit states: code_values_ptr holds the signed then the unsigned table's 256
+        # values, code_lut_ptr their two packed lookup tables (codebook.kernel_buffer from its
+        # element 512 on)
         ms_ptr = tl.load(row + EXP_AVG_SCALES_ADDR).to(tl.pointer_type(tl.float32))
         vs_ptr = tl.load(row + EXP_AVG_SQ_SCALES_ADDR).to(tl.pointer_type(tl.float32))
         ss_ptr = tl.load(row + EXP_GRAD_VAR_SCALES_ADDR).to(tl.pointer_type(tl.float32))
         m = _decode(m, ms_ptr, offs, mask, code_values_ptr)
-        v = _decode(v, vs_ptr, offs, mask, code_values_ptr + 512)
-        s = _decode(s, ss_ptr, offs, mask, code_values_ptr + 512)
+        v = _decode(v, vs_ptr, offs, mask, code_values_ptr + 256)
+        s = _decode(s, ss_ptr, offs, mask, code_values_ptr + 256)
     if HAS_GRAD_SCALE:
         g = g / tl.load(grad_scale_ptr).to(tl.float32)
     if MAXIMIZE:
@@ -281,9 +284,9 @@ def snr_adamw_kernel(
         else:
             _store_param(p_base + offs, p, mask, row + RNG_SEED, rand_offsets, STOCHASTIC_ROUNDING, True)
         lut_unsigned = code_lut_ptr + 2 * LUT_HALF
-        _encode(m, mask, m_base + offs, ms_ptr, offs, start, numel, code_values_ptr + 256, code_lut_ptr, BLOCK, True)
-        _encode(v, mask, v_base + offs, vs_ptr, offs, start, numel, code_values_ptr + 768, lut_unsigned, BLOCK, True)
-        _encode(s, mask, s_base + offs, ss_ptr, offs, start, numel, code_values_ptr + 768, lut_unsigned, BLOCK, True)
+        _encode(m, mask, m_base + offs, ms_ptr, offs, start, numel, code_lut_ptr, BLOCK, True)
+        _encode(v, mask, v_base + offs, vs_ptr, offs, start, numel, lut_unsigned, BLOCK, True)
+        _encode(s, mask, s_base + offs, ss_ptr, offs, start, numel, lut_unsigned, BLOCK, True)
     elif hot:
         _store4(tl.multiple_of(p_base, 16) + offs, tl.multiple_of(m_base, 16) + offs,
                 tl.multiple_of(v_base, 16) + offs, tl.multiple_of(s_base, 16) + offs, p, m, v, s, mask,

@@ -324,8 +324,8 @@ static void run_parallel(void *(*fn)(void *), void *work, size_t size, int threa
  * the row of each chunk of `block` elements. stats: [nchunks][STAT_COLUMNS] or NULL. Chunks are
  * split evenly over `threads` threads, the caller's one. state_kind: STATE_F32, STATE_BF16 or
  * STATE_U8; for 8-bit states `block` is a multiple of CODE_BLOCK and `codebook` holds the signed
- * then the unsigned table as 256 values, 256 thresholds (floats), then two lookup tables of
- * 2 * LUT_HALF int32 each (the Triton kernel's), then the two packed_lut tables of as many. */
+ * then the unsigned table's 256 values (floats), then their packed_lut tables of 2 * LUT_HALF
+ * int32 each (codebook.kernel_buffer). */
 int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nchunks, int64_t block,
                    const float *steps, const Hyper *h, int gate,
                    int maximize, int param_bf16, int state_kind, double *stats, int threads, const int32_t *codebook) {
@@ -334,8 +334,8 @@ int snr_adamw_step(const int64_t *rows, const int32_t *block_tensor, int64_t nch
     if (state_kind == STATE_U8) {
         if (block % CODE_BLOCK != 0 || !codebook) return -1;
         for (int t = 0; t < 2; t++) {
-            codes[t].values = (const float *)(codebook + 512 * t);
-            codes[t].packed = codebook + 1024 + 4 * LUT_HALF + 2 * LUT_HALF * t;
+            codes[t].values = (const float *)(codebook + 256 * t);
+            codes[t].packed = codebook + 512 + 2 * LUT_HALF * t;
         }
     }
     threads = thread_count(threads, nchunks);

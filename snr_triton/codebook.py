@@ -140,49 +140,31 @@ def _bucket_ends(key: Tensor) -> tuple[Tensor, Tensor]:
     return small, large
 
 
-def kernel_tables(signed: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """What a kernel needs to encode and decode without a search: the 256 values, the 255
-    thresholds and a +inf sentinel, and per lookup bucket the code of its smallest y; the code of
-    any y in the bucket is that code, plus 1 when y is above the threshold it starts at (each
-    bucket holds at most one threshold: checked here)."""
+def _bucket_codes(signed: bool) -> Tensor:
+    """Per lookup bucket, the code of its smallest y; the code of any y in the bucket is that
+    code, plus 1 when y is above the threshold it starts at (each bucket holds at most one
+    threshold: checked here)."""
     mids = midpoints(signed)
-    key = torch.arange(2 * LUT_HALF, dtype=torch.int64)
-    small, large = _bucket_ends(key)
+    small, large = _bucket_ends(torch.arange(2 * LUT_HALF, dtype=torch.int64))
     base = torch.searchsorted(mids, small)
     top = torch.searchsorted(mids, large)
     assert int((top - base).max()) <= 1, "a lookup bucket holds two thresholds: more mantissa bits"
-    sentinel = torch.cat([mids, torch.tensor([float("inf")])])
-    return table(signed), sentinel, base.to(torch.int32)
-
-
-def lookup_code(y: Tensor, signed: bool) -> Tensor:
-    """The kernels' encoding of y = x / scale in torch (tests check it against `encode`'s search)."""
-    _, thresholds, base = kernel_tables(signed)
-    bits = y.view(torch.int32).long()
-    mag = bits & 0x7FFFFFFF
-    e = (mag >> 23).clamp(max=127)
-    k = torch.where(e < LUT_EXP_MIN, 0, ((e - LUT_EXP_MIN) << LUT_MANTISSA_BITS)
-                    | ((mag >> (23 - LUT_MANTISSA_BITS)) & ((1 << LUT_MANTISSA_BITS) - 1)))
-    k = k + torch.where(bits < 0, LUT_HALF, 0)
-    b = base[k].long()
-    return (b + (thresholds[b] < y).long()).to(torch.uint8)
+    return base.to(torch.int32)
 
 
 LOW_BITS = 23 - LUT_MANTISSA_BITS  # the mantissa bits of y below its lookup bucket's
 
 
 def packed_lut(signed: bool) -> Tensor:
-    """The C kernel's lookup table: per bucket, in one int32, the code of its smallest y (bits
-    0-7) and from bit 8 on the mantissa bits below the bucket's of the threshold in it, inverted in
-    the negative buckets, or all ones where no threshold lies in it. y and a threshold in its bucket
+    """The kernels' lookup table: per bucket, in one int32, the code of its smallest y (bits 0-7)
+    and from bit 8 on the mantissa bits below the bucket's of the threshold in it, inverted in the
+    negative buckets, or all ones where no threshold lies in it. y and a threshold in its bucket
     share sign, exponent and top mantissa bits, so y is above it exactly when y's low bits
-    (inverted too when negative) exceed the entry's: one gather per element, instead of the code's
+    (inverted too when negative) exceed the entry's: one load per element, instead of the code's
     and then, dependent on it, its threshold's."""
-    mids = midpoints(signed)
-    _, _, base = kernel_tables(signed)
+    base = _bucket_codes(signed)
     small, large = _bucket_ends(torch.arange(2 * LUT_HALF, dtype=torch.int64))
-    sentinel = torch.cat([mids, torch.tensor([float("inf")])])
-    t = sentinel[base.long()]
+    t = torch.cat([midpoints(signed), torch.tensor([float("inf")])])[base.long()]
     inside = (t >= small) & (t <= large)
     assert not inside[0] and not inside[LUT_HALF], "bucket 0 spans several exponents: no threshold may lie in it"
     low = t.abs().view(torch.int32) & ((1 << LOW_BITS) - 1)
@@ -190,8 +172,8 @@ def packed_lut(signed: bool) -> Tensor:
     return base | torch.where(inside, low, (1 << LOW_BITS) - 1) << 8
 
 
-def packed_lookup_code(y: Tensor, signed: bool) -> Tensor:
-    """The C kernel's encoding of y = x / scale through `packed_lut`, in torch (tests check it
+def lookup_code(y: Tensor, signed: bool) -> Tensor:
+    """The kernels' encoding of y = x / scale through `packed_lut`, in torch (tests check it
     against `encode`'s search)."""
     bits = y.view(torch.int32).long()
     mag = bits & 0x7FFFFFFF
@@ -210,17 +192,12 @@ _kernel_buffers: dict[torch.device, Tensor] = {}
 
 def kernel_buffer(device: torch.device | str = "cpu") -> Tensor:
     """The tables both fused kernels read, in one int32 buffer (floats by their bits), kept per
-    device: the signed then the unsigned table's 256 values and 256 thresholds (the last +inf),
-    then the two lookup tables of 2 * LUT_HALF codes each, then the two `packed_lut`s (the C
-    kernel's) of as many entries."""
+    device: the signed then the unsigned table's 256 values, then the signed then the unsigned
+    `packed_lut` of 2 * LUT_HALF entries each."""
     device = torch.device(device)
     buf = _kernel_buffers.get(device)
     if buf is None:
-        parts = []
-        for signed in (True, False):
-            values, thresholds, _ = kernel_tables(signed)
-            parts += [values.view(torch.int32), thresholds.view(torch.int32)]
-        parts += [kernel_tables(signed)[2] for signed in (True, False)]
+        parts = [table(signed).view(torch.int32) for signed in (True, False)]
         parts += [packed_lut(signed) for signed in (True, False)]
         buf = _kernel_buffers[device] = torch.cat(parts).to(device)
     return buf

@@ -87,7 +87,6 @@ def test_encoding_takes_the_nearest_code_and_ties_to_the_lower(signed):
     codes, _ = codebook.encode(x, signed)
     assert torch.equal(codes, reference.encode_8bit(x.double(), signed)[0])
     assert torch.equal(codes, codebook.lookup_code(x, signed))
-    assert torch.equal(codes, codebook.packed_lookup_code(x, signed))
 
 
 def tie_values(signed: bool) -> torch.Tensor:
@@ -105,19 +104,18 @@ def tie_values(signed: bool) -> torch.Tensor:
     return torch.cat([torch.cat([torch.ones(1), part]) for part in values.split(255)])
 
 
-@pytest.mark.parametrize("lookup", ["lookup_code", "packed_lookup_code"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_the_kernels_lookup_table_finds_the_codes_of_the_threshold_search(signed, lookup):
-    """The fused kernels' encoding (sign, exponent and mantissa bits to a bucket, one comparison:
-    with the threshold, Triton's, or with its low mantissa bits packed in the bucket's entry, C's)
-    against the threshold search, on random float32s of [-1, 1] and on every threshold +- 1 ulp."""
+def test_the_kernels_lookup_table_finds_the_codes_of_the_threshold_search(signed):
+    """The fused kernels' encoding (sign, exponent and mantissa bits to a bucket, one comparison
+    with the low mantissa bits of the threshold packed in the bucket's entry) against the threshold
+    search, on random float32s of [-1, 1] and on every threshold +- 1 ulp."""
     gen = torch.Generator().manual_seed(12)
     y = torch.randint(0, 0x3F800001, (1_000_000,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
     th = codebook.midpoints(signed)
     y = torch.cat([y, -y, th, torch.nextafter(th, torch.tensor(2.0)), torch.nextafter(th, torch.tensor(-2.0)),
                    torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
     y = y if signed else y.abs()
-    assert torch.equal(getattr(codebook, lookup)(y, signed), torch.searchsorted(th, y).to(torch.uint8))
+    assert torch.equal(codebook.lookup_code(y, signed), torch.searchsorted(th, y).to(torch.uint8))
 
 
 @pytest.mark.parametrize("backend", BACKENDS_8BIT)

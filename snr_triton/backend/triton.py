@@ -118,7 +118,7 @@ def launch(job: fused_op.Launch) -> None:
             partials if partials is not None else dummy,
             job.beta1, 1.0 - job.beta1, job.beta2, 1.0 - job.beta2, job.rho, 1.0 - job.rho, *lb1, *lb2, *lrho,
             job.eps, job.weight_decay, job.alpha, job.softness, job.gate_eps, job.warmup_steps,
-            tables.view(torch.float32) if coded else dummy, tables[1024:] if coded else dummy,  # values, lookups
+            tables.view(torch.float32) if coded else dummy, tables[512:] if coded else dummy,  # values, lookups
             PARAM_DTYPE=_tl_dtype(job.bucket.dtype), STATE_DTYPE=_tl_dtype(job.bucket.state_dtype),
             GATE=GATE_IDS[job.gate], MAXIMIZE=job.maximize,
             LR_IS_TENSOR=job.lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
