@@ -7,6 +7,8 @@ ours clips inside its step. Equal params and states to float32 rounding, on ever
 import copy
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -186,6 +188,17 @@ def test_last_grad_norm_says_what_it_needs():
 def test_bad_max_grad_norm_is_refused(value):
     with pytest.raises(ValueError, match="max_grad_norm must be None .* or a finite number > 0, got"):
         SNRAdamW([torch.nn.Parameter(torch.ones(3))], max_grad_norm=value)
+
+
+def test_max_grad_norm_at_a_scripts_top_level_is_accepted():
+    """The ZeroRedundancyOptimizer check walks up the caller's frames: from a script's top level
+    (two frames, then none) it must find nothing and accept, as from deep inside a trainer."""
+    script = ("import torch\nfrom snr_triton import SNRAdamW\np = torch.nn.Parameter(torch.ones(3))\n"
+              "opt = SNRAdamW([p], max_grad_norm=0.5, backend='eager')\np.grad = torch.full((3,), 2.0)\n"
+              "opt.step()\nprint(opt.last_grad_norm().item())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) == pytest.approx(math.sqrt(12.0), rel=1e-6)  # |(2, 2, 2)|
 
 
 def test_max_grad_norm_is_the_whole_optimizers():
