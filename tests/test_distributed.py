@@ -319,9 +319,12 @@ MESH_2D = (2, 2)  # (dp, tp): 4 ranks
 # complex param whose shards need twice their element count in blocks (450 complex: 4 blocks, not 2).
 PARAMS_2D = {"fsdp_tp": ((7, 300), ("S0", "S1")), "hsdp": ((9, 60), ("R", "S0")),
              "dim_twice": ((5, 601), ("S1", "S1")), "replicated": ((3, 90), ("R", "R")), "plain": ((6, 50), ("R", "R")),
-             "complex": ((5, 300), ("S0", "S1"))}
+             "complex": ((5, 300), ("S0", "S1")), "dp_only": ((6, 40), ("S0", "R")), "tp_only": ((4, 30), ("R", "S0"))}
 PLAIN_2D = {"plain"}  # a plain tensor beside the DTensors (each rank holds all of it, like replicated)
 COMPLEX_2D = {"complex"}  # complex64: states of its real view, (..., 2), twice the elements in blocks
+# params on one mesh dim's submesh, Shard(0) on each (as FSDP + TP shards norm weights over dp only):
+# the same placements tuple on two meshes, whose shards the norm sums over different ranks
+SUBMESH_2D = {"dp_only": "dp", "tp_only": "tp"}
 STEPS_2D, MAX_NORM_2D = 4, 5.0
 
 
@@ -356,15 +359,17 @@ def _mesh_2d_8bit(rank, port, backend, out, ckpt):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     _init(rank, port, world=4)
-    mesh = init_device_mesh("cpu", MESH_2D)
-    kinds = {n: [Replicate() if w == "R" else Shard(int(w[1:])) for w in where] for n, (_, where) in PARAMS_2D.items()}
+    mesh_2d = init_device_mesh("cpu", MESH_2D, mesh_dim_names=("dp", "tp"))
+    meshes = {n: mesh_2d[SUBMESH_2D[n]] if n in SUBMESH_2D else mesh_2d for n in PARAMS_2D}
+    kinds = {n: [Replicate() if w == "R" else Shard(int(w[1:])) for w in where if n not in SUBMESH_2D or w != "R"]
+             for n, (_, where) in PARAMS_2D.items()}
     init, grads = _data_2d()
 
     def run(start, load):
         holder = torch.nn.Module()
         for n in PARAMS_2D:
             t = init[n].clone()
-            holder.register_parameter(n, torch.nn.Parameter(t if n in PLAIN_2D else distribute_tensor(t, mesh, kinds[n])))
+            holder.register_parameter(n, torch.nn.Parameter(t if n in PLAIN_2D else distribute_tensor(t, meshes[n], kinds[n])))
         opt = SNRAdamW(holder.parameters(), backend=backend, state_dtype=torch.uint8, max_grad_norm=MAX_NORM_2D, **HP)
         if load:
             _dcp_load(holder, opt, ckpt)
@@ -374,14 +379,14 @@ def _mesh_2d_8bit(rank, port, backend, out, ckpt):
                 _dcp_save(holder, opt, ckpt)
             for n, p in holder.named_parameters():
                 g = grads[k][n].clone()
-                p.grad = g if n in PLAIN_2D else distribute_tensor(g, mesh, kinds[n])
+                p.grad = g if n in PLAIN_2D else distribute_tensor(g, meshes[n], kinds[n])
             opt.step()
             norms.append(opt.last_grad_norm().item())
         return holder, opt, norms
 
     straight, opt, norms = run(0, load=False)
     resumed, opt2, _ = run(STEPS_2D // 2, load=True)
-    result = {"coords": mesh.get_coordinate(), "norms": norms, "params": {}, "states": {}, "resumed_equal": True}
+    result = {"coords": mesh_2d.get_coordinate(), "norms": norms, "params": {}, "states": {}, "resumed_equal": True}
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
     for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
         st, st2 = opt.state[p], opt2.state[q]
@@ -397,7 +402,8 @@ def _mesh_2d_8bit(rank, port, backend, out, ckpt):
 
 
 def test_8bit_states_on_a_2d_mesh_equal_each_ranks_shard_stepped_in_one_process(tmp_path):
-    """Issue 22 on a 2-D mesh (HSDP, FSDP + TP, one dim sharded twice, replicated): each rank's
+    """Issue 22 on a 2-D mesh (HSDP, FSDP + TP, one dim sharded twice, replicated, params on each
+    mesh dim's submesh, a complex param): each rank's
     blocks cover its own shard; codes are DTensors placed like the param; scales have one dim per
     mesh dim (its size where sharded, 1 where replicated) and the largest shard's blocks; the norm
     of the clipping is over every element once; a DCP resume ends bit for bit."""
@@ -430,6 +436,10 @@ def test_8bit_states_on_a_2d_mesh_equal_each_ranks_shard_stepped_in_one_process(
             real = 2 if n in COMPLEX_2D else 1  # a complex element is two reals in the blocks
             largest = max(codebook.blocks(real * _local_2d(init[n], where, cc).numel()) for cc in coords)
             layout = tuple(1 if w == "R" else m for w, m in zip(where, MESH_2D))
+            sharded_on = [None if w == "R" else int(w[1:]) for w in where]  # per mesh dim: the param dim
+            scale_dims = [None if w == "R" else j for j, w in enumerate(where)]
+            if n in SUBMESH_2D:  # a 1-D mesh: its one dim
+                layout, sharded_on, scale_dims = (MESH_2D[("dp", "tp").index(SUBMESH_2D[n])],), [0], [0]
             for key, (held, global_shape, placements, stride) in got["states"][n].items():
                 want = opt.state[q][key]
                 if n in PLAIN_2D:  # a plain param's own states
@@ -441,12 +451,12 @@ def test_8bit_states_on_a_2d_mesh_equal_each_ranks_shard_stepped_in_one_process(
                     whole = (*shape, 2) if n in COMPLEX_2D else shape  # may cross a midpoint
                     assert global_shape == whole and held.shape == want.shape, (n, key)
                     assert stride == torch.empty(whole, device="meta").stride(), (n, key)  # as the whole's
-                    assert n in PLAIN_2D or placements == [None if w == "R" else int(w[1:]) for w in where], (n, key)
+                    assert n in PLAIN_2D or placements == sharded_on, (n, key)
                     apart = (held.int() - want.int()).abs()
                     assert apart.max() <= 1 and (apart > 0).float().mean() <= 0.01, (n, key)
                 else:
-                    assert global_shape == (*layout, largest) and held.shape == (1, 1, largest), (n, key)
-                    assert placements == [None if w == "R" else j for j, w in enumerate(where)], (n, key)
+                    assert global_shape == (*layout, largest) and held.shape == (*(1,) * len(layout), largest), (n, key)
+                    assert placements == scale_dims, (n, key)
                     torch.testing.assert_close(held.reshape(-1)[:want.numel()], want, rtol=1e-5, atol=0)
                     assert not held.reshape(-1)[want.numel():].any(), (n, key)
     assert any(codebook.blocks(q.numel()) < codebook.blocks(max(r.numel() for r in distinct.values()))
