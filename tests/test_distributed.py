@@ -403,10 +403,10 @@ def _mesh_2d_8bit(rank, port, backend, out, ckpt):
 
 def test_8bit_states_on_a_2d_mesh_equal_each_ranks_shard_stepped_in_one_process(tmp_path):
     """Issue 22 on a 2-D mesh (HSDP, FSDP + TP, one dim sharded twice, replicated, params on each
-    mesh dim's submesh, a complex param): each rank's
-    blocks cover its own shard; codes are DTensors placed like the param; scales have one dim per
-    mesh dim (its size where sharded, 1 where replicated) and the largest shard's blocks; the norm
-    of the clipping is over every element once; a DCP resume ends bit for bit."""
+    mesh dim's submesh, a complex param): each rank's blocks cover its own shard; codes are
+    DTensors placed like the param; scales have one dim per mesh dim (its size where sharded, 1
+    where replicated) and the largest shard's blocks; the norm of the clipping is over every
+    element once; a DCP resume ends bit for bit."""
     backend = "cpu" if "cpu" in DIST_BACKENDS else DIST_BACKENDS[0]
     out, ckpt = tmp_path / "mesh2d.pt", str(tmp_path / "ckpt")
     spawn(_mesh_2d_8bit, backend, str(out), ckpt, nprocs=4)
