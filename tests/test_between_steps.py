@@ -42,6 +42,12 @@ def step_both(ours, opt, theirs, ref, grads):
     ref.step()
 
 
+def random_steps(ours, opt, theirs, ref, gen, k):
+    """k steps of each optimizer, each with the same fresh random grads."""
+    for _ in range(k):
+        step_both(ours, opt, theirs, ref, [torch.randn(p.shape, generator=gen).to(DEVICE) for p in ours])
+
+
 def same(a, b, tol=1e-6):
     """fp32 params and states within one step's rounding of AdamW's."""
     a, b = a.detach().double(), b.detach().double()
@@ -184,8 +190,7 @@ def test_the_state_dict_replaced_by_hand_is_adopted_like_adamws(backend):
     gen = torch.Generator().manual_seed(8)
 
     def steps(k):
-        for _ in range(k):
-            step_both(ours, opt, theirs, ref, [torch.randn(p.shape, generator=gen).to(DEVICE) for p in ours])
+        random_steps(ours, opt, theirs, ref, gen, k)
 
     steps(2)
     for o in (opt, ref):
@@ -735,8 +740,7 @@ def test_state_entries_written_through_dict_methods_are_adopted(backend, how):
     gen = torch.Generator().manual_seed(7)
 
     def steps(k):
-        for _ in range(k):
-            step_both(ours, opt, theirs, ref, [torch.randn(p.shape, generator=gen).to(DEVICE) for p in ours])
+        random_steps(ours, opt, theirs, ref, gen, k)
 
     steps(2)
     for o, params in ((opt, ours), (ref, theirs)):
