@@ -170,3 +170,31 @@ def test_the_threaded_path_steps_every_chunk(threads):
     for p, r, p0 in zip(params, refs, init):
         assert (p.detach() != p0).all()  # every element moved: no chunk left out
         torch.testing.assert_close(p.detach().double(), r, rtol=0, atol=1e-6)
+
+
+def test_a_cpu_with_other_flags_or_model_gets_another_library_name(monkeypatch):
+    """-march=native code runs only on CPUs like the one that built it: a cache shared between
+    machines (an NFS home) keys the library by the CPU's model name and flags, so a machine with
+    AVX-512 and one without never load each other's, while two machines alike share one."""
+    import builtins
+    import io
+
+    real_open = builtins.open
+    cpuinfo = {}
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            return io.BytesIO(cpuinfo["text"])
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+    def name(model, flags):
+        cpuinfo["text"] = (f"processor\t: 0\nmodel name\t: {model}\nflags\t\t: {flags}\n"
+                           f"processor\t: 1\nmodel name\t: {model}\nflags\t\t: {flags}\n").encode()
+        return cpu.library_name()
+
+    base = name("AMD EPYC 7B13", "fpu sse2 avx2")
+    assert name("AMD EPYC 7B13", "fpu sse2 avx2") == base
+    assert name("AMD EPYC 7B13", "fpu sse2 avx2 avx512f") != base
+    assert name("Intel Xeon Platinum 8481C", "fpu sse2 avx2") != base
