@@ -198,3 +198,42 @@ def test_a_cpu_with_other_flags_or_model_gets_another_library_name(monkeypatch):
     assert name("AMD EPYC 7B13", "fpu sse2 avx2") == base
     assert name("AMD EPYC 7B13", "fpu sse2 avx2 avx512f") != base
     assert name("Intel Xeon Platinum 8481C", "fpu sse2 avx2") != base
+
+
+NO_KERNEL = textwrap.dedent("""
+    import torch
+    from snr_triton import SNRAdamW
+    p = torch.nn.Parameter(torch.ones(4))
+    try:
+        SNRAdamW([p], backend="cpu")
+    except RuntimeError as e:
+        print("REFUSED:", e)
+    opt = SNRAdamW([p], backend="auto", lr=0.1, weight_decay=0.0, gate="none")
+    p.grad = torch.ones(4)
+    opt.step()
+    print("STEPPED:", opt.backend_of(p), p.detach().tolist())
+""")
+
+
+@pytest.mark.parametrize("compiler", ["failing", "missing"])
+def test_without_a_working_c_compiler_cpu_is_refused_with_the_reason_and_auto_steps_eager(tmp_path, compiler):
+    """A compiler that fails (its stderr quoted) or none on PATH: backend='cpu' names why, and
+    'auto' steps with the eager backend instead (AdamW's first step: 1 - 0.1)."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    env = dict(os.environ, SNR_TRITON_CACHE=str(cache))
+    if compiler == "failing":
+        cc = tmp_path / "cc"
+        cc.write_text("#!/bin/sh\necho 'error: no room for kernels' >&2\nexit 1\n")
+        cc.chmod(0o755)
+        env["CC"], reason = str(cc), f"{cc} failed: error: no room for kernels"
+    else:
+        env.pop("CC", None)
+        env["PATH"], reason = str(tmp_path / "nowhere"), "no C compiler found (set CC, or install gcc)"
+    done = subprocess.run([sys.executable, "-c", NO_KERNEL], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (f"REFUSED: backend='cpu' cannot step a torch.float32 param on cpu: the fused CPU kernel is unavailable: "
+            f"{reason} (param group 0)") in done.stdout
+    stepped = done.stdout.split("STEPPED: ")[1].split()
+    assert stepped[0] == "eager"
+    assert [float(x.strip("[],")) for x in stepped[1:]] == pytest.approx([0.9] * 4, rel=1e-6)
