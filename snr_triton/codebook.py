@@ -124,15 +124,17 @@ def encode(x: Tensor, signed: bool, codes: Tensor | None = None, scales: Tensor 
     return codes, scales
 
 
+LOW_BITS = 23 - LUT_MANTISSA_BITS  # the mantissa bits of y below its lookup bucket's
+
+
 def _bucket_ends(key: Tensor) -> tuple[Tensor, Tensor]:
     """The smallest and largest float32 of each lookup bucket (contract.LUT_*): sign, clamped
     exponent and top mantissa bits of y."""
     negative = key >= LUT_HALF
     k = torch.where(negative, key - LUT_HALF, key)
     e = (k >> LUT_MANTISSA_BITS) + LUT_EXP_MIN
-    low_bits = 23 - LUT_MANTISSA_BITS
-    lo_mag = (e << 23) | ((k & ((1 << LUT_MANTISSA_BITS) - 1)) << low_bits)
-    hi_mag = lo_mag | ((1 << low_bits) - 1)
+    lo_mag = (e << 23) | ((k & ((1 << LUT_MANTISSA_BITS) - 1)) << LOW_BITS)
+    hi_mag = lo_mag | ((1 << LOW_BITS) - 1)
     lo_mag = torch.where(k == 0, 0, lo_mag)  # bucket 0 also holds every exponent below LUT_EXP_MIN
     as_float = lambda bits: bits.to(torch.int32).view(torch.float32)  # noqa: E731
     small = torch.where(negative, -as_float(hi_mag), as_float(lo_mag))
@@ -150,9 +152,6 @@ def _bucket_codes(signed: bool) -> Tensor:
     top = torch.searchsorted(mids, large)
     assert int((top - base).max()) <= 1, "a lookup bucket holds two thresholds: more mantissa bits"
     return base.to(torch.int32)
-
-
-LOW_BITS = 23 - LUT_MANTISSA_BITS  # the mantissa bits of y below its lookup bucket's
 
 
 def packed_lut(signed: bool) -> Tensor:
