@@ -142,33 +142,24 @@ def _bucket_ends(key: Tensor) -> tuple[Tensor, Tensor]:
     return small, large
 
 
-def _bucket_codes(signed: bool) -> Tensor:
-    """Per lookup bucket, the code of its smallest y; the code of any y in the bucket is that
-    code, plus 1 when y is above the threshold it starts at (each bucket holds at most one
-    threshold: checked here)."""
-    mids = midpoints(signed)
-    small, large = _bucket_ends(torch.arange(2 * LUT_HALF, dtype=torch.int64))
-    base = torch.searchsorted(mids, small)
-    top = torch.searchsorted(mids, large)
-    assert int((top - base).max()) <= 1, "a lookup bucket holds two thresholds: more mantissa bits"
-    return base.to(torch.int32)
-
-
 def packed_lut(signed: bool) -> Tensor:
     """The kernels' lookup table: per bucket, in one int32, the code of its smallest y (bits 0-7)
     and from bit 8 on the mantissa bits below the bucket's of the threshold in it, inverted in the
     negative buckets, or all ones where no threshold lies in it. y and a threshold in its bucket
     share sign, exponent and top mantissa bits, so y is above it exactly when y's low bits
     (inverted too when negative) exceed the entry's: one load per element, instead of the code's
-    and then, dependent on it, its threshold's."""
-    base = _bucket_codes(signed)
+    and then, dependent on it, its threshold's. Each bucket holds at most one threshold (checked)."""
+    mids = midpoints(signed)
     small, large = _bucket_ends(torch.arange(2 * LUT_HALF, dtype=torch.int64))
-    t = torch.cat([midpoints(signed), torch.tensor([float("inf")])])[base.long()]
+    base = torch.searchsorted(mids, small)
+    top = torch.searchsorted(mids, large)
+    assert int((top - base).max()) <= 1, "a lookup bucket holds two thresholds: more mantissa bits"
+    t = torch.cat([mids, torch.tensor([float("inf")])])[base]
     inside = (t >= small) & (t <= large)
     assert not inside[0] and not inside[LUT_HALF], "bucket 0 spans several exponents: no threshold may lie in it"
     low = t.abs().view(torch.int32) & ((1 << LOW_BITS) - 1)
     low = torch.where(torch.arange(2 * LUT_HALF) >= LUT_HALF, ~low & ((1 << LOW_BITS) - 1), low)
-    return base | torch.where(inside, low, (1 << LOW_BITS) - 1) << 8
+    return base.to(torch.int32) | torch.where(inside, low, (1 << LOW_BITS) - 1) << 8
 
 
 def lookup_code(y: Tensor, signed: bool) -> Tensor:
