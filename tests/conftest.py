@@ -26,8 +26,16 @@ from snr_triton import backend  # noqa: E402  (after TRITON_INTERPRET is set)
 from snr_triton.hyperparams import DEFAULT_HYPER  # noqa: E402
 
 # Every backend of the registry that can run fp32 params here: the shared matrix of tests runs
-# over this list, so a new backend is tested by adding it to snr_triton.backend.ORDER.
-BACKENDS = backend.available(torch.device(DEVICE), torch.float32, DEFAULT_HYPER)
+# over this list, so a new backend is tested by adding it to snr_triton.backend.ORDER. A registry
+# that raises here fails every test with its error (the `_setup_error` fixture below) instead of
+# stopping pytest while it loads this file, which reads as a usage error (exit code 4, which
+# mutmut takes for a broken command rather than a caught mutant).
+try:
+    BACKENDS = backend.available(torch.device(DEVICE), torch.float32, DEFAULT_HYPER)
+    SETUP_ERROR = None
+except Exception as error:  # noqa: BLE001  (reported by every test)
+    BACKENDS = list(backend.ORDER)
+    SETUP_ERROR = f"snr_triton.backend.available() raised {error!r}"
 
 
 def dtypes_served(name: str) -> list[str]:
@@ -40,9 +48,15 @@ def dtypes_served(name: str) -> list[str]:
 
 TRITON = "triton" in BACKENDS
 CPU_KERNEL = "cpu" in BACKENDS
-# In CI a missing backend fails loudly instead of skipping quietly.
-if os.environ.get("CI") and not (TRITON and (CPU_KERNEL or DEVICE == "cuda")):
-    raise RuntimeError("CI must exercise the Triton and CPU kernels: install the test extra, and a C compiler")
+# In CI a missing backend fails every test instead of skipping quietly.
+if SETUP_ERROR is None and os.environ.get("CI") and not (TRITON and (CPU_KERNEL or DEVICE == "cuda")):
+    SETUP_ERROR = "CI must exercise the Triton and CPU kernels: install the test extra, and a C compiler"
+
+
+@pytest.fixture(autouse=True)
+def _setup_error():
+    if SETUP_ERROR is not None:
+        pytest.fail(SETUP_ERROR, pytrace=False)
 
 
 @pytest.fixture
