@@ -11,7 +11,6 @@ interface per bucket, snr_triton/backend/__init__.py).
 from __future__ import annotations
 
 import sys
-import warnings
 from collections import defaultdict
 from copy import deepcopy
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, validate_group, vali
 from .param_states import (CODES, MAPS_KEPT, SCALES, STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real,
                            is_dense, is_dtensor, like_param, local, local_scales, real_dtype, rng_seed,
                            scales_layout)
+from .warn import warn_user
 
 # Keys of torch.optim.AdamW groups that have no meaning here.
 ADAMW_ONLY_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
@@ -219,8 +219,8 @@ class SNRAdamW(Optimizer):
         for i, saved in enumerate(saved_groups):
             group = {k: v for k, v in saved.items() if k not in ADAMW_ONLY_KEYS}
             if saved.get("amsgrad"):
-                warnings.warn("loading an AdamW state dict with amsgrad=True: SNRAdamW has no amsgrad; "
-                              "max_exp_avg_sq is ignored", stacklevel=2)
+                warn_user("loading an AdamW state dict with amsgrad=True: SNRAdamW has no amsgrad; "
+                          "max_exp_avg_sq is ignored")
             for key, value in self._own_defaults().items():
                 group.setdefault(key, value)
             if i < len(self.param_groups):  # how to run stays this optimizer's choice

@@ -8,6 +8,7 @@ directory; the planted library's constructor writes a marker file, so loading it
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,8 @@ def test_a_group_writable_cache_falls_back_with_a_warning(tmp_path):
     proc, _ = step_in_fresh_process(cache, tmp_path, cc)
     assert proc.returncode == 0 and "stepped" in proc.stdout, proc.stderr
     assert "is writable by its group (mode 770)" in proc.stderr
+    # attributed to the user's script (`python -c`), the line that made the optimizer
+    assert re.search(r"^<string>:\d+: UserWarning: SNRAdamW: the kernel cache", proc.stderr, re.M), proc.stderr
     assert not list(cache.glob("*.so"))  # compiled privately, nothing written there
 
 

@@ -118,8 +118,13 @@ def test_auto_warns_once_when_it_falls_back_for_a_broken_fused_kernel(monkeypatc
     monkeypatch.setattr(cpu, "load_library", broken)
     monkeypatch.setattr(backend, "_warned", set())
     with pytest.warns(UserWarning, match="eager backend, several times slower than the fused cpu kernel, "
-                                         "because the fused CPU kernel is unavailable: no C compiler"):
+                                         "because the fused CPU kernel is unavailable: no C compiler") as said:
         opt = SNRAdamW([torch.nn.Parameter(torch.ones(3))])
+    assert [w.filename for w in said] == [__file__]  # it points at the line that made the optimizer
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(UserWarning, match="several times slower") as said:
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+    assert [w.filename for w in said] == [__file__]  # and at add_param_group's, one frame less deep
     assert opt.backend_of(opt.param_groups[0]["params"][0]) == "eager"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: a second optimizer, or a step, says nothing more

@@ -27,12 +27,13 @@ module with these three functions and its name to ORDER.
 from __future__ import annotations
 
 import importlib
-import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
+
+from ..warn import warn_user
 
 if TYPE_CHECKING:
     from ..hyperparams import Hyper
@@ -107,9 +108,9 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype, hyper: "Hyper
             for skipped, why in degraded:
                 if why not in _warned:
                     _warned.add(why)
-                    warnings.warn(f"SNRAdamW backend='auto' steps {dtype} params on {device} with the "
-                                  f"{name} backend, several times slower than the fused {skipped} kernel, "
-                                  f"because {why}", UserWarning, stacklevel=4)
+                    warn_user(f"SNRAdamW backend='auto' steps {dtype} params on {device} with the "
+                              f"{name} backend, several times slower than the fused {skipped} kernel, "
+                              f"because {why}")
             return name, module
         if isinstance(reason, Degraded):
             degraded.append((name, reason))

@@ -28,9 +28,10 @@ import hashlib
 import os
 import stat
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Callable
+
+from ..warn import warn_user
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _warned: set[str] = set()
@@ -45,7 +46,7 @@ def default_dir() -> Path:
 def _warn(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(f"SNRAdamW: {message}", UserWarning, stacklevel=4)
+        warn_user(f"SNRAdamW: {message}")
 
 
 class Stale(OSError):
