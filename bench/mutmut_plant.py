@@ -24,10 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mutants import ROOT, Mutant, run  # noqa: E402  (the same copy-plant-test loop as the hand-written list)
 
 
-def mutant_names(repo: Path, pattern: str) -> list[str]:
+def mutant_names(repo: Path, pattern: str, uncaught: bool = False) -> list[str]:
+    """The mutants matching `pattern`; with `uncaught`, only those mutmut did not catch (killed,
+    timed out, crashed), e.g. its survivors and its "no tests" of functions that ran at collection."""
     out = subprocess.run(["mutmut", "results", "--all", "true"], cwd=repo, capture_output=True, text=True).stdout
-    names = [line.split(":")[0].strip() for line in out.splitlines() if ":" in line]
-    return [n for n in names if fnmatch.fnmatch(n, pattern)]
+    rows = [[part.strip() for part in line.rsplit(":", 1)] for line in out.splitlines() if ":" in line]
+    return [name for name, status in rows if fnmatch.fnmatch(name, pattern)
+            and not (uncaught and status in ("killed", "timeout", "segfault"))]
 
 
 def as_mutant(repo: Path, name: str, tests: tuple[str, ...]) -> Mutant | None:
@@ -87,12 +90,13 @@ def main() -> None:
     parser.add_argument("-k", default="not triton", help="pytest -k expression (default: the fast backends)")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--every", type=int, default=1, help="a sample: every N-th mutant (default: all)")
+    parser.add_argument("--uncaught", action="store_true", help="only the mutants mutmut did not catch")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args()
     repo = args.mutmut_dir / "repo"
     tests = (*args.tests, "-k", args.k)
     rows, counts = ["| mutant | result | first failure |", "|---|---|---|"], {}
-    for name in mutant_names(repo, args.pattern)[::args.every]:
+    for name in mutant_names(repo, args.pattern, args.uncaught)[::args.every]:
         mutant = as_mutant(repo, name, tests)
         result, seconds, detail = run(mutant, args.timeout) if mutant else ("not planted", 0.0, "no diff")
         counts[result] = counts.get(result, 0) + 1

@@ -111,6 +111,19 @@ def test_registry_order_and_auto():
         backend.choose("cpu", cpu_param, torch.float64, DEFAULT_HYPER)
 
 
+def test_an_unknown_backend_or_kernel_file_is_refused_by_name():
+    choices = "backend must be one of 'triton', 'cpu', 'eager'; got 'tpu'"
+    with pytest.raises(ValueError) as e:
+        backend.get("tpu")
+    assert str(e.value) == choices
+    with pytest.raises(ValueError) as e:
+        backend.choose("tpu", torch.device("cpu"), torch.float32, DEFAULT_HYPER)
+    assert str(e.value) == choices
+    with pytest.raises(FileNotFoundError) as e:
+        backend.kernel_file("snr_adamw_npu.c")
+    assert str(e.value) == "kernels/snr_adamw_npu.c is missing: reinstall snr-triton"
+
+
 def test_auto_warns_once_when_it_falls_back_for_a_broken_fused_kernel(monkeypatch):
     def broken():
         raise RuntimeError("the fused CPU kernel is unavailable: no C compiler found")

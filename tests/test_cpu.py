@@ -198,6 +198,66 @@ def test_a_cpu_with_other_flags_or_model_gets_another_library_name(monkeypatch):
     assert name("AMD EPYC 7B13", "fpu sse2 avx2") == base
     assert name("AMD EPYC 7B13", "fpu sse2 avx2 avx512f") != base
     assert name("Intel Xeon Platinum 8481C", "fpu sse2 avx2") != base
+    # another compiler's code is another library (CC names the one that built it)
+    monkeypatch.setenv("CC", "/opt/clang/bin/clang")
+    assert name("AMD EPYC 7B13", "fpu sse2 avx2") != base
+
+
+def test_without_proc_cpuinfo_the_library_name_is_keyed_by_the_platform(monkeypatch):
+    """macOS and the BSDs have no /proc/cpuinfo: the name falls back to platform.machine() and
+    platform.processor(), still one name per kind of CPU."""
+    import builtins
+    import platform
+
+    real_open = builtins.open
+
+    def no_cpuinfo(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    base = cpu.library_name()
+    assert cpu.library_name() == base
+    monkeypatch.setattr(platform, "processor", lambda: "i386")
+    assert cpu.library_name() != base
+
+
+@pytest.mark.parametrize("found,expected", [
+    (("cc", "gcc", "clang"), "/usr/bin/cc"),
+    (("gcc", "clang"), "/usr/bin/gcc"),
+    (("clang",), "/usr/bin/clang"),
+    ((), None),
+])
+def test_the_compiler_is_cc_then_gcc_then_clang_unless_cc_is_set(monkeypatch, found, expected):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in found else None)
+    monkeypatch.delenv("CC", raising=False)
+    assert cpu._compiler() == expected
+    monkeypatch.setenv("CC", "/opt/cross/bin/gcc")
+    assert cpu._compiler() == "/opt/cross/bin/gcc"
+
+
+def test_each_reason_the_cpu_backend_declines_names_the_way_out():
+    """What backend='cpu' cannot serve is refused with a reason that says which backend can (the
+    optimizer puts it after "backend='cpu' cannot step ...")."""
+    import dataclasses
+
+    from snr_triton.hyperparams import DEFAULT_HYPER
+
+    f32 = torch.float32
+    assert cpu.unavailable_reason(torch.device("cuda", 0), f32, DEFAULT_HYPER) == \
+        "it steps CPU tensors only; use backend='triton' or 'auto' on GPUs"
+    assert cpu.unavailable_reason(torch.device("cpu"), torch.float16, DEFAULT_HYPER) == \
+        "it supports float32 and bfloat16 params; use backend='eager' or 'auto' for torch.float16"
+    assert cpu.unavailable_reason(torch.device("cpu"), f32, dataclasses.replace(DEFAULT_HYPER, stochastic_rounding=True)) \
+        == "it has no stochastic rounding; use backend='eager' or 'auto'"
+    assert cpu.unavailable_reason(torch.device("cpu"), f32, dataclasses.replace(DEFAULT_HYPER, state_dtype=torch.float16)) \
+        == "it stores no torch.float16 states; use backend='eager' or 'auto'"
+    assert cpu.unavailable_reason(torch.device("cpu"), f32, DEFAULT_HYPER) is None
 
 
 NO_KERNEL = textwrap.dedent("""
