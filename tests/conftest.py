@@ -77,3 +77,16 @@ def step_beside_reference(theta, grads, backend, hp):
         opt.step()
         reference.reference_step(ref_theta, g.double(), ref_state, **hp)
     return p, opt, ref_theta
+
+
+def warned_from(said, path: str) -> list[str]:
+    """The files the warnings in `said` point at, with mutmut's trampoline counted as `path`: under
+    bench/mutmut.sh each mutated function is called through mutmut.mutation.trampoline, a frame
+    between the caller and snr_triton, where warn_user's walk then stops (warn.py itself is not
+    among the modules mutmut mutates)."""
+    import sys
+
+    trampoline = sys.modules.get("mutmut.mutation.trampoline")
+    inserted = {trampoline.__file__} if trampoline is not None else set()
+    return [path if w.filename in inserted else w.filename for w in said]
+

@@ -297,3 +297,95 @@ def test_without_a_working_c_compiler_cpu_is_refused_with_the_reason_and_auto_st
     stepped = done.stdout.split("STEPPED: ")[1].split()
     assert stepped[0] == "eager"
     assert [float(x.strip("[],")) for x in stepped[1:]] == pytest.approx([0.9] * 4, rel=1e-6)
+
+
+@pytest.fixture
+def first_load(tmp_path, monkeypatch):
+    """This process as if it had not loaded the library yet, with an empty cache of its own: every
+    other test uses the library the session's first test loaded, so load_library's first call (the
+    compile, the contract check, each function's argument and return types) ran unchecked."""
+    monkeypatch.setenv("SNR_TRITON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu, "_library", None)
+    monkeypatch.setattr(cpu, "_library_error", None)
+    return tmp_path / "cache"
+
+
+def test_a_first_load_compiles_once_and_steps_with_clipping_like_the_reference(first_load):
+    """The library compiled into an empty cache, loaded once per process, then a clipping step of
+    a float32 and a bfloat16 param (both C entry points, every argument) against the float64
+    reference stepped on grads clipped by torch.nn.utils.clip_grad_norm_."""
+    from snr_triton import reference
+    from snr_triton.hyperparams import DEFAULTS
+
+    lib = cpu.load_library()
+    assert cpu.load_library() is lib
+    assert [p.name for p in first_load.rglob("*.so")] == [cpu.library_name()]
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(300, generator=gen), torch.randn(7, 5, generator=gen).bfloat16()]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    hp = dict(DEFAULTS, lr=1e-2, alpha=0.7, weight_decay=0.1)
+    opt = SNRAdamW(params, backend="cpu", max_grad_norm=0.5, **hp)
+    refs, states = [t.clone() for t in init], [reference.new_state(t) for t in init]
+    for _ in range(3):
+        grads = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in init]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        norm = torch.nn.utils.get_total_norm([g.double() for g in grads])
+        torch.testing.assert_close(opt.last_grad_norm().double(), norm, rtol=1e-6, atol=0)
+        assert norm > 0.5  # clipping active: k = c / (N + 1e-6), as clip_grad_norm_ computes it
+        clipped = [g.double() * (0.5 / (float(norm) + 1e-6)) for g in grads]
+        for r, g, st in zip(refs, clipped, states):
+            reference.reference_step(r, g, st, **hp)
+    for p, r, p0 in zip(params, refs, init):
+        assert (p.detach() != p0).any()
+        tol = 2e-6 if p.dtype == torch.float32 else 2.0**-7
+        torch.testing.assert_close(p.detach().double(), r.double(), rtol=tol, atol=tol * 1e-2)
+
+
+def test_a_failed_first_load_says_why_and_is_not_retried(first_load, tmp_path, monkeypatch):
+    """A compiler that fails: RuntimeError quoting the last 2000 characters of its stderr (where its
+    errors are, after pages of warnings); the reason is kept, so
+    the next call (each new optimizer, each step) raises it again without running the compiler."""
+    cc = tmp_path / "cc"
+    log = tmp_path / "cc.log"
+    noise = "warning: " + "w" * 2500
+    cc.write_text(f"#!/bin/sh\necho run >> {log}\necho '{noise}' >&2\necho 'error: no room for kernels' >&2\nexit 3\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    tail = f"{noise}\nerror: no room for kernels"[-2000:]  # the last 2000 characters: the error, not the noise
+    reason = f"the fused CPU kernel is unavailable: {cc} failed: {tail}"
+    for _ in range(2):
+        with pytest.raises(RuntimeError) as info:
+            cpu.load_library()
+        assert str(info.value) == reason
+    assert log.read_text() == "run\n"
+    assert not list(first_load.rglob("*.so"))
+    p = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(RuntimeError, match="(?s)backend='cpu' cannot step .*no room for kernels"):
+        SNRAdamW([p], backend="cpu")
+
+
+@pytest.mark.parametrize("stale", ["a value", "a count"])
+def test_a_library_that_disagrees_with_the_contract_is_refused(first_load, monkeypatch, stale):
+    """A library built from another version's defines (a stale cache entry keyed wrongly, a
+    hand-built .so) would read the block map's columns or the gate ids differently: its
+    snr_adamw_contract() report is checked against contract.py before any step."""
+    from snr_triton.backend import kernel_cache
+
+    order = cpu._CONTRACT_ORDER
+
+    def report(values):
+        defines = contract.c_defines()
+        for i, name in enumerate(order):
+            values[i] = defines[name] + (i == 5 and stale == "a value")
+        return len(order) - (stale == "a count")
+
+    class Library:
+        snr_adamw_contract = staticmethod(report)
+
+    monkeypatch.setattr(kernel_cache, "load", lambda name, build: Library())
+    with pytest.raises(RuntimeError) as info:
+        cpu.load_library()
+    assert str(info.value) == ("the fused CPU kernel is unavailable: "
+                               "the compiled library disagrees with snr_triton/contract.py")
