@@ -124,6 +124,51 @@ def test_an_unknown_backend_or_kernel_file_is_refused_by_name():
     assert str(e.value) == "kernels/snr_adamw_npu.c is missing: reinstall snr-triton"
 
 
+@pytest.mark.parametrize("layout", ["installed", "source checkout", "both"])
+def test_kernel_sources_are_found_in_the_wheel_before_the_checkout(tmp_path, monkeypatch, layout):
+    """An installed wheel has the kernels at snr_triton/kernels/ (the build maps kernels/ there); a
+    source checkout has them at the top-level kernels/ beside the package. The package's own copy
+    wins: a site-packages/kernels/ of another project must not be read."""
+    site = tmp_path / "site-packages"
+    (site / "snr_triton" / "backend").mkdir(parents=True)
+    places = {"installed": site / "snr_triton" / "kernels", "source checkout": site / "kernels"}
+    for where, folder in places.items():
+        if layout in (where, "both"):
+            folder.mkdir()
+            (folder / "snr_adamw_cpu.c").write_text(where)
+    monkeypatch.setattr(backend, "__file__", str(site / "snr_triton" / "backend" / "__init__.py"))
+    found = backend.kernel_file("snr_adamw_cpu.c")
+    assert found.read_text() == ("source checkout" if layout == "source checkout" else "installed")
+    with pytest.raises(FileNotFoundError, match="kernels/snr_adamw.py is missing: reinstall snr-triton"):
+        backend.kernel_file("snr_adamw.py")
+
+
+def test_a_backend_is_imported_once_then_looked_up(monkeypatch):
+    """get() is a dict lookup after the first import: it runs inside the compiled step, where
+    importlib would break the graph."""
+    import importlib
+
+    first = backend.get("eager")
+
+    def refuse(name, *args):
+        raise AssertionError(f"imported {name} again")
+
+    monkeypatch.setattr(importlib, "import_module", refuse)
+    assert backend.get("eager") is first
+
+
+def test_auto_with_no_backend_for_a_dtype_says_so_and_available_lists_only_servers():
+    cpu_device = torch.device("cpu")
+    with pytest.raises(RuntimeError) as e:
+        backend.choose("auto", cpu_device, torch.int32, DEFAULT_HYPER)
+    assert str(e.value) == "no backend can step a torch.int32 param on cpu"
+    assert backend.available(cpu_device, torch.int32, DEFAULT_HYPER) == []
+    half = backend.available(cpu_device, torch.float16, DEFAULT_HYPER)
+    assert "eager" in half and "cpu" not in half  # the C kernel serves float32 and bfloat16 only
+    if cpu.unavailable_reason(cpu_device, torch.float32, DEFAULT_HYPER) is None:
+        assert "cpu" in backend.available(cpu_device, torch.float32, DEFAULT_HYPER)
+
+
 def test_auto_warns_once_when_it_falls_back_for_a_broken_fused_kernel(monkeypatch):
     def broken():
         raise RuntimeError("the fused CPU kernel is unavailable: no C compiler found")
