@@ -401,3 +401,67 @@ def test_a_library_that_disagrees_with_the_contract_is_refused(first_load, monke
         cpu.load_library()
     assert str(info.value) == ("the fused CPU kernel is unavailable: "
                                "the compiled library disagrees with snr_triton/contract.py")
+
+
+_registered = iter(range(1 << 30))
+
+
+@pytest.fixture
+def registered_anew(monkeypatch):
+    """The CPU backend's step and norm pass registered anew by fused_op.register and register_norm:
+    the ops every other test calls were registered when the backend was imported, before any test
+    ran, so a change to what register builds (under bench/mutmut.sh, say) reached no test."""
+    from snr_triton import fused_op
+
+    name = f"{os.getpid()}_{next(_registered)}"  # an op's name is taken once per process
+    op, impl = fused_op.register(f"cpu_step_anew_{name}", cpu.launch, cpu.CHUNK)
+    norm_op, norm = fused_op.register_norm(f"cpu_grad_sq_anew_{name}", cpu._launch_sq, cpu.CHUNK)
+    for attr, value in (("fused_step_op", op), ("fused_step", impl), ("grad_sq_op", norm_op), ("grad_sq", norm)):
+        monkeypatch.setattr(cpu, attr, value)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.uint8])
+def test_an_op_registered_anew_passes_every_argument_to_the_kernel(registered_anew, state_dtype):
+    """Every argument of the step reaches the kernel by name: two groups (gate, tensor or float lr,
+    weight decay, alpha, maximize, warm-up), a param that is not dense (stepped through a stand-in
+    and written back), a bfloat16 param, clipping, GradScaler's grad_scale and found_inf (an inf skips
+    the step: nothing changes), the stats, float32 or 8-bit states; against the float64 reference."""
+    from snr_triton import reference
+    from snr_triton.hyperparams import DEFAULTS
+
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(300, generator=gen), torch.randn(6, 8, generator=gen)[:, ::2],
+            torch.randn(40, generator=gen).bfloat16()]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    params[1] = torch.nn.Parameter(torch.randn(6, 8)[:, ::2].copy_(init[1]))  # every other column: not dense
+    assert not params[1].is_contiguous() and params[1].stride() == (8, 2)
+    hps = [dict(DEFAULTS, lr=1e-2, alpha=0.7, weight_decay=0.1),
+           dict(DEFAULTS, lr=5e-3, gate="soft", alpha=0.4, softness=0.5, maximize=True, warmup_steps=1)]
+    opt = SNRAdamW([{"params": params[:2], **hps[0], "lr": torch.tensor(1e-2)}, {"params": params[2:], **hps[1]}],
+                   backend="cpu", state_dtype=state_dtype, max_grad_norm=0.5, track_stats=True)
+    refs, states = [t.clone() for t in init], [reference.new_state(t) for t in init]
+    scale = torch.tensor(4.0)
+    for k in range(3):
+        grads = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in init]
+        for p, g in zip(params, grads):
+            p.grad = g * scale
+        before = [p.detach().clone() for p in params] + [opt.state[p]["step"].clone() for p in params if opt.state[p]]
+        opt.step(grad_scale=scale, found_inf=torch.tensor(float(k == 1)))
+        if k == 1:  # the inf step: params and step counts as they were
+            after = [p.detach() for p in params] + [opt.state[p]["step"] for p in params]
+            assert all(torch.equal(a, b) for a, b in zip(before, after))
+            continue
+        norm = float(torch.nn.utils.get_total_norm([g.double() for g in grads]))
+        assert norm > 0.5
+        parts = []
+        for i, (r, g, st) in enumerate(zip(refs, grads, states)):
+            hp = hps[0] if i < 2 else hps[1]
+            out = reference.reference_step(r, g.double() * (0.5 / (norm + 1e-6)), st, **hp, state_dtype=state_dtype)
+            parts.append(out["q"].flatten())
+        mean_gate = torch.cat(parts).mean().item()
+        assert opt.stats()["mean_gate"] == pytest.approx(mean_gate, rel=1e-5)
+    for p, r, p0 in zip(params, refs, init):
+        assert (p.detach() != p0).any()
+        tol = 2e-6 if p.dtype == torch.float32 else 2.0**-7
+        torch.testing.assert_close(p.detach().double(), r.double(), rtol=tol, atol=tol * 1e-2)
+        assert int(opt.state[p]["step"]) == 2
