@@ -356,6 +356,23 @@ def test_a_zero_signal_under_large_noise_with_softness_zero_closes_the_gate(back
     torch.testing.assert_close(p.detach().cpu().double(), ref_theta, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha,softness", [(0.0, 1.0), (0.25, 2.0)])
+def test_the_soft_gate_with_softness_above_alpha_keeps_its_noise_term(backend, alpha, softness):
+    """soft: q = d / (d + lambda*s-hat + delta), d = max(m-hat^2 - alpha*s-hat, 0). The overflow-safe
+    form scales s-hat by the larger of alpha and lambda; scaled by alpha (0 here), the noise term
+    would vanish and the gate open (q = 1) on pure noise. Three steps of random grads."""
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), rho=0.9, eps=1e-8, weight_decay=0.0, gate="soft", alpha=alpha,
+              softness=softness, gate_eps=1e-16, warmup_steps=0, maximize=False)
+    gen = torch.Generator().manual_seed(11)
+    theta = torch.randn(64, generator=gen)
+    grads = [torch.randn(64, generator=gen) for _ in range(3)]
+    p, _, ref_theta = step_beside_reference(theta, grads, backend, hp)
+    adamw = step_beside_reference(theta, grads, backend, dict(hp, gate="none"))[2]
+    assert (ref_theta - theta.double()).abs().sum() < 0.9 * (adamw - theta.double()).abs().sum()  # the gate shuts
+    torch.testing.assert_close(p.detach().cpu().double(), ref_theta, rtol=1e-5, atol=1e-7)
+
+
 def test_adamws_positional_arguments_mean_the_same():
     """SNRAdamW(params, 1e-3, (0.9, 0.999), 1e-8, 0.1) used to set rho = 1e-8 and eps = 0.1."""
     p = torch.nn.Parameter(torch.ones(3))
