@@ -240,6 +240,23 @@ def test_zero_grads_step_every_gate_as_the_reference(backend, gate):
     assert opt.state[p]["step"].item() == 4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_decay", [1.0, 0.5])
+def test_a_weight_decay_of_one_decays_like_adamws(backend, weight_decay):
+    """weight_decay = 1 is valid (a strong decay, lr * 1 per step) and must not be mistaken for
+    "no decay": three steps against torch.optim.AdamW with gate="none"."""
+    m = model()
+    twin = copy.deepcopy(m)
+    opt = SNRAdamW(m.parameters(), lr=0.05, weight_decay=weight_decay, gate="none", backend=backend)
+    adamw = torch.optim.AdamW(twin.parameters(), lr=0.05, weight_decay=weight_decay)
+    for step in range(3):
+        for mm, o in ((m, opt), (twin, adamw)):
+            backward(mm, step)
+            o.step()
+    for a, b in zip(m.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_the_state_of_a_param_that_never_stepped_reads_as_an_empty_dict_like_adamws():
     """opt.state is torch's defaultdict(dict): code that reads opt.state[p] for any param (a
     logger, a state-offloading hook) gets {} for one without states, before and after steps."""
