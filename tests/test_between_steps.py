@@ -329,10 +329,10 @@ def test_gates_stay_finite_where_the_naive_form_overflows():
     backend's, through one step with warmup closed and weight decay off: theta moves by lr*q*sign."""
     from snr_triton.reference import gate_q
 
-    m = torch.tensor([3e19, -3e19, 1e-30, 0.0, 2.0])
+    m = torch.tensor([3e19, -3e19, 1e-30, 0.0, 2.0, 1.0])  # 1.0: the scale c is exactly 1
     for backend in BACKENDS:
         for gate in ("snr", "soft", "hard"):
-            p = torch.nn.Parameter(torch.zeros(5, device=DEVICE))
+            p = torch.nn.Parameter(torch.zeros(6, device=DEVICE))
             opt = SNRAdamW([p], lr=1.0, betas=(0.0, 0.99), rho=0.5, weight_decay=0.0, eps=1e-30, gate=gate,
                            alpha=0.5, backend=backend)
             p.grad = m.to(DEVICE)

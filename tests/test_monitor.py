@@ -53,6 +53,18 @@ def test_stats_need_track_stats():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_zero_grad_is_neither_above_the_noise_nor_gated_open(backend):
+    """m-hat = s-hat = 0 (a first step of zero grads): m-hat^2 > alpha*s-hat is false and q = 0, so
+    frac_above and mean_gate are 0, the sums 0 (a tie 0 = 0 counted as above would read 1)."""
+    p = torch.nn.Parameter(torch.ones(6, device=DEVICE))
+    opt = SNRAdamW([p], backend=backend, track_stats=True)
+    p.grad = torch.zeros(6, device=DEVICE)
+    opt.step()
+    assert opt.stats()["frac_above"] == 0.0 and opt.stats()["mean_gate"] == 0.0
+    assert opt.stats()["signal"] == 0.0 and opt.stats()["noise"] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stats_of_a_group_or_a_step_that_stepped_nothing(backend):
     """Before any step, and for a param group none of whose params had a grad: no elements, so
     mean_gate and frac_above are NaN and the sums 0 (not an error)."""
