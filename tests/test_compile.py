@@ -88,3 +88,24 @@ def test_step_assigns_no_optimizer_attribute(backend, monkeypatch):
     monkeypatch.undo()
     assert assigned == []
     assert opt.stats()["mean_gate"] > 0  # the stats of the last step were kept all the same
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_compiled_step_skipped_on_the_device_counts_nothing_in_its_stats(backend):
+    """Under torch.compile found_inf is decided on the device (no host read): a skipped step
+    leaves params and step counts alone and its stats are an empty step's (mean_gate NaN, sums 0),
+    as in eager mode (tests/test_monitor.py)."""
+    import math
+
+    (model, opt), _ = pair(backend)
+    backward(model, 0)
+    opt.step()
+    compiled = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    backward(model, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    compiled(grad_scale=torch.tensor(1.0, device=DEVICE), found_inf=torch.tensor(1.0, device=DEVICE))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert all(opt.state[p]["step"].item() == 1 for p in model.parameters())
+    stats = opt.stats()
+    assert math.isnan(stats["mean_gate"]) and math.isnan(stats["frac_above"])
+    assert stats["signal"] == 0 and stats["noise"] == 0
