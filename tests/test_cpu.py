@@ -4,6 +4,7 @@ The cache tests run fresh processes (the library is loaded once per process), ea
 own empty cache directory, and count compiler runs through a CC wrapper that logs each call.
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -313,7 +314,8 @@ def first_load(tmp_path, monkeypatch):
 def test_a_first_load_compiles_once_and_steps_with_clipping_like_the_reference(first_load):
     """The library compiled into an empty cache, loaded once per process, then a clipping step of
     a float32 and a bfloat16 param (both C entry points, every argument) against the float64
-    reference stepped on grads clipped by torch.nn.utils.clip_grad_norm_."""
+    reference, stepped on grads scaled by clip_grad_norm_'s coefficient c / (N + 1e-6), N from
+    torch.nn.utils.get_total_norm."""
     from snr_triton import reference
     from snr_triton.hyperparams import DEFAULTS
 
@@ -403,7 +405,7 @@ def test_a_library_that_disagrees_with_the_contract_is_refused(first_load, monke
                                "the compiled library disagrees with snr_triton/contract.py")
 
 
-_registered = iter(range(1 << 30))
+_registered = itertools.count()
 
 
 @pytest.fixture
@@ -432,8 +434,9 @@ def test_an_op_registered_anew_passes_every_argument_to_the_kernel(registered_an
     gen = torch.Generator().manual_seed(5)
     init = [torch.randn(300, generator=gen), torch.randn(6, 8, generator=gen)[:, ::2],
             torch.randn(40, generator=gen).bfloat16()]
-    params = [torch.nn.Parameter(t.clone()) for t in init]
-    params[1] = torch.nn.Parameter(torch.randn(6, 8)[:, ::2].copy_(init[1]))  # every other column: not dense
+    params = [torch.nn.Parameter(init[0].clone()),
+              torch.nn.Parameter(torch.empty(6, 8)[:, ::2].copy_(init[1])),  # every other column: not dense
+              torch.nn.Parameter(init[2].clone())]
     assert not params[1].is_contiguous() and params[1].stride() == (8, 2)
     hps = [dict(DEFAULTS, lr=1e-2, alpha=0.7, weight_decay=0.1),
            dict(DEFAULTS, lr=5e-3, gate="soft", alpha=0.4, softness=0.5, maximize=True, warmup_steps=1)]

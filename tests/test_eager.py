@@ -1,14 +1,16 @@
 """What only the eager backend has: bounded temporaries for large tensors."""
 
-from snr_triton.check import Case, passes, run_case
+import torch
 
 from conftest import DEVICE
+from snr_triton import SNRAdamW, reference
+from snr_triton.backend import eager
+from snr_triton.check import Case, passes, run_case
+from snr_triton.hyperparams import DEFAULTS
 
 
 def test_eager_steps_large_tensors_in_bounded_pieces(monkeypatch):
     """Eager splits big tensors into pieces and batches (bounded temporaries): same results."""
-    from snr_triton.backend import eager
-
     monkeypatch.setattr(eager, "PIECE", 64)
     monkeypatch.setattr(eager, "BATCH", 256)
     for gate in ("snr", "hard"):
@@ -21,12 +23,6 @@ def test_every_batch_of_pieces_gets_the_grad_scale_and_adds_its_stats(monkeypatc
     """With several batches in one step, each batch is unscaled by grad_scale, computed in float32
     (bf16 params too) and adds its gate sums to its params' rows: against the float64 reference
     (steps and stats), grads given scaled by 8."""
-    import torch
-
-    from snr_triton import SNRAdamW, reference
-    from snr_triton.backend import eager
-    from snr_triton.hyperparams import DEFAULTS
-
     monkeypatch.setattr(eager, "PIECE", 64)
     monkeypatch.setattr(eager, "BATCH", 256)
     gen = torch.Generator().manual_seed(2)
@@ -45,7 +41,7 @@ def test_every_batch_of_pieces_gets_the_grad_scale_and_adds_its_stats(monkeypatc
             out = [reference.reference_step(r, g.double(), st, **hp) for r, g, st in zip(refs, grads, states)]
             stats = opt.stats()
             assert abs(stats["mean_gate"] - torch.cat([o["q"].flatten() for o in out]).mean().item()) < 1e-5
-            signal = sum(o["mhat"].square().sum().item() for o in out)  # not scale-invariant, as the update is
+            signal = sum(o["mhat"].square().sum().item() for o in out)  # unlike the update, scale-dependent
             assert abs(stats["signal"] - signal) < 1e-4 * signal
         for p, r in zip(params, refs):
             torch.testing.assert_close(p.detach().cpu().double(), r.double(), rtol=tol, atol=tol * 1e-2)
