@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from snr_triton import SNRAdamW
@@ -61,9 +62,12 @@ def build(args, device) -> torch.nn.Module:
                          num_key_value_heads=max(1, args.width // 64), max_position_embeddings=args.seq)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).to(device)
+    # the mesh on the ranks' own device type: FSDP2's default takes the machine's accelerator, which
+    # is wrong for two CPU ranks on a one-GPU machine
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -191,7 +195,8 @@ def main() -> None:
         args.width, args.layers, args.steps, args.seq, args.batch = 64, 2, 20, 64, 4
         args.eval_every, args.eval_batches, args.corpus_bytes = 10, 2, 1 << 20
         args.compile_backend = "aot_eager"  # inductor's first compile alone takes minutes on 2 cores
-    cuda = torch.cuda.is_available()
+    # one GPU per rank, or all ranks on the CPU (gloo): two ranks on a one-GPU machine run on the CPU
+    cuda = torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")

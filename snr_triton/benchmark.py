@@ -361,18 +361,27 @@ def run(devices: list[str], sizes: list[int] | None, steps: int, dtypes: list[st
               "it\n", flush=True)
         header = ["params", "dtype", "implementation", "ms/step", "bytes/step", "GB/s", "x fused AdamW",
                   "copy GB/s", "% of copy", "peak extra MB"] + (["synced ms/step"] if cuda else [])
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        # each cell's rows are printed as it ends: a run cut off by a time limit keeps what it measured
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
         rows_all = []
         cells = [(n, dt) for n in (sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)) for dt in dtypes]
         for numel, dt in tqdm(cells, desc=f"bench {device.type}", unit="cell", leave=False):
-            rows, peak = bench_size(device, numel, getattr(torch, dt), steps)
+            try:
+                rows, peak = bench_size(device, numel, getattr(torch, dt), steps)
+            except torch.OutOfMemoryError as error:  # the largest cells hold every implementation at once
+                print(f"| {format_size(numel)} | {dt} | out of memory: {str(error).splitlines()[0]} |", flush=True)
+                continue
+            finally:
+                if cuda:
+                    torch.cuda.empty_cache()
+            lines = []
             for r in rows:
                 size = format_size(r.numel) + (" (in cache)" if r.in_cache else "")
                 lines.append(f"| {size} | {r.dtype} | {r.impl} | {r.ms:.3f} | {r.bytes_per_step / 1e6:.0f} MB | "
                              f"{r.gbps:.1f} | {r.ratio:.2f} | {r.copy_gbps:.1f} | {r.roofline_pct:.0f}% | "
                              f"{peak[r.impl] / 2**20:.1f} |" + (f" {r.sync_ms:.3f} |" if cuda else ""))
                 rows_all.append({**asdict(r), "peak_extra_bytes": peak[r.impl]})
-        print("\n".join(lines), flush=True)
+            tqdm.write("\n".join(lines))
         overhead = host_overhead(device)
         for kind, times in overhead.items():
             base = times.get("AdamW fused")

@@ -60,8 +60,18 @@ def _there(which: dict[bool, Tensor], signed: bool, device: torch.device | str) 
     key = (id(which), signed, device)
     found = _on_device.get(key)
     if found is None:
-        found = _on_device[key] = which[signed].to(device)
+        found = _on_device[key] = _upload(which[signed], device)
     return found
+
+
+def _upload(host: Tensor, device: torch.device) -> Tensor:
+    """A once-per-device copy that does not make the host wait for the GPU: a copy from pageable
+    memory synchronizes (the first 8-bit step raised under torch.cuda.set_sync_debug_mode("error")
+    on an H200), one from pinned memory is queued (torch's pinned allocator keeps the buffer
+    until the copy is done)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def table(signed: bool, device: torch.device | str = "cpu") -> Tensor:
@@ -189,5 +199,5 @@ def kernel_buffer(device: torch.device | str = "cpu") -> Tensor:
     if buf is None:
         parts = [table(signed).view(torch.int32) for signed in (True, False)]
         parts += [packed_lut(signed) for signed in (True, False)]
-        buf = _kernel_buffers[device] = torch.cat(parts).to(device)
+        buf = _kernel_buffers[device] = _upload(torch.cat(parts), device)
     return buf

@@ -90,7 +90,7 @@ def encode_8bit(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tens
     """ALGORITHM.md '8-bit states' for float64 values in row-major blocks: (codes, float32 scales,
     the decoded float64 values). The nearest table entry by brute force (every distance), ties to
     the lower code: independent of the backends' threshold search."""
-    q = table(signed).double()
+    q = table(signed, x.device).double()
     flat = x.reshape(-1)
     n = flat.numel()
     codes = torch.empty(n, dtype=torch.uint8, device=x.device)

@@ -193,7 +193,7 @@ def _coded_reference_state(opt, p):
     st = {"step": int(opt.state[p]["step"])}
     for key in KEYS:
         codes, scales = opt.state[p][key + "_codes"], opt.state[p][key + "_scales"]
-        q = codebook.table(SIGNED[key]).double()
+        q = codebook.table(SIGNED[key], codes.device).double()
         st[key] = (q[codebook.flat(codes).long()] * scales.double().repeat_interleave(256)[:codes.numel()]
                    ).reshape(codes.shape) if codes.is_contiguous() else None
     return st
@@ -241,11 +241,11 @@ def test_each_step_matches_the_reference_from_the_same_codes(backend, gate, dtyp
 @pytest.mark.parametrize("backend", BACKENDS_8BIT)
 def test_resuming_from_a_checkpoint_is_bit_exact(backend):
     torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(), torch.nn.Linear(30, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(), torch.nn.Linear(30, 4)).to(DEVICE)
     twin = copy.deepcopy(model)
     make = lambda m: SNRAdamW(m.parameters(), lr=1e-2, backend=backend, state_dtype=torch.uint8)  # noqa: E731
     opt = make(model)
-    data = [torch.randn(16, 20) for _ in range(6)]
+    data = [torch.randn(16, 20).to(DEVICE) for _ in range(6)]
 
     def train(m, o, batches):
         for x in batches:
@@ -358,12 +358,12 @@ def test_gate_stats_with_8bit_states_are_the_references(backend):
 @pytest.mark.parametrize("backend", BACKENDS_8BIT)
 def test_clipping_in_the_step_with_8bit_states_equals_clip_grad_norm_then_a_step(backend):
     torch.manual_seed(7)
-    model = torch.nn.Linear(40, 30)
+    model = torch.nn.Linear(40, 30).to(DEVICE)
     twin = copy.deepcopy(model)
     opt = SNRAdamW(model.parameters(), lr=1e-2, backend=backend, state_dtype=torch.uint8, max_grad_norm=0.1)
     twin_opt = SNRAdamW(twin.parameters(), lr=1e-2, backend=backend, state_dtype=torch.uint8)
     for k in range(3):
-        x = torch.randn(8, 40)
+        x = torch.randn(8, 40).to(DEVICE)
         for m in (model, twin):
             m.zero_grad()
             m(x).pow(2).sum().backward()

@@ -153,7 +153,7 @@ def test_tensor_hyperparameters_of_the_wrong_shape_or_dtype_are_refused(name, ba
 
 
 def _trained_opt(backend="eager"):
-    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    params = [torch.nn.Parameter(torch.randn(4, 3, device=DEVICE)), torch.nn.Parameter(torch.randn(5, device=DEVICE))]
     opt = SNRAdamW([{"params": params[:1]}, {"params": params[1:], "lr": 1e-2}], backend=backend)
     for p in params:
         p.grad = torch.randn_like(p)

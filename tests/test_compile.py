@@ -64,9 +64,12 @@ def test_compiled_step_equals_eager_and_lr_changes_do_not_recompile(backend):
         if k == 1:
             torch.compiler.set_stance("fail_on_recompile")  # any recompile from here on raises
     torch.compiler.set_stance("default")
+    # bit for bit on the CPU; on a GPU aot_eager's decompositions of the eager backend's foreach ops
+    # run other CUDA kernels, which may round one element an ulp apart (1 of 30, 1.9e-9, on an H200)
+    exact = DEVICE == "cpu" or backend != "eager"
     for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert opt.stats()["mean_gate"] == twin_opt.stats()["mean_gate"]
+        torch.testing.assert_close(a, b, rtol=0 if exact else 2.4e-7, atol=0)
+    assert opt.stats()["mean_gate"] == pytest.approx(twin_opt.stats()["mean_gate"], rel=0 if exact else 1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, step_beside_reference
 from snr_triton import SNRAdamW, reference
 from snr_triton.backend import eager
 from snr_triton.check import Case, passes, run_case
@@ -45,3 +45,22 @@ def test_every_batch_of_pieces_gets_the_grad_scale_and_adds_its_stats(monkeypatc
             assert abs(stats["signal"] - signal) < 1e-4 * signal
         for p, r in zip(params, refs):
             torch.testing.assert_close(p.detach().cpu().double(), r.double(), rtol=tol, atol=tol * 1e-2)
+
+
+def test_large_grads_stay_finite_whichever_order_addcmul_multiplies_in(monkeypatch):
+    """CUDA's _foreach_addcmul_ computes self + value * (t1 * t2), the square first (the CPU kernel
+    multiplies the value in first): on an H200, |g| = 3e19 gave the eager backend v = inf and no
+    update. In CUDA's order on the CPU, the eager step still matches the float64 reference."""
+
+    def cuda_order(selves, t1, t2, value=1):
+        for x, a, b in zip(selves, t1, t2):
+            x.add_(a * b, alpha=value)
+
+    monkeypatch.setattr(torch, "_foreach_addcmul_", cuda_order)
+    gen = torch.Generator().manual_seed(5)
+    theta = torch.randn(64, generator=gen)
+    grads = [torch.randn(64, generator=gen).sign() * scale for scale in (3e19, 3e19, 1e19, 1.0)]
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), rho=0.99, eps=1e-8, weight_decay=0.1, gate="snr", alpha=1.0,
+              softness=1.0, gate_eps=1e-16, warmup_steps=0, maximize=False)
+    p, _, ref_theta = step_beside_reference(theta, grads, "eager", hp)
+    torch.testing.assert_close(p.detach().cpu().double(), ref_theta, rtol=1e-5, atol=1e-6)

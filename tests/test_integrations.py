@@ -203,8 +203,9 @@ def test_train_llm_quick_with_two_ranks(state_dtype, tmp_path):
     script = Path(__file__).resolve().parent.parent / "bench" / "train_llm.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     names = ["AdamW", "SNRAdamW"] if state_dtype == "float32" else ["SNRAdamW"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
-                           "--quick", "--out", str(tmp_path), "--state-dtype", state_dtype, "--optimizers", *names],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",  # a free port
+                           "--nproc-per-node", "2", str(script), "--quick", "--out", str(tmp_path),
+                           "--state-dtype", state_dtype, "--optimizers", *names],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "train_llm_seed0.json").read_text())

@@ -221,12 +221,15 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: Tensor | None,
     if h.maximize:
         g = torch._foreach_neg(g)
 
+    # s += ((1-rho)*diff)*diff and v += ((1-beta2)*g)*g, the coefficient first: finite for every finite
+    # g (|g| = 3e19 squares past float32's range). addcmul's own order differs by device: the CPU
+    # kernel multiplies the value in first, CUDA's _foreach_addcmul_ squares first (inf on an H200).
     diff = torch._foreach_sub(g, m)  # m before this step's update
     torch._foreach_mul_(s, rho)
-    torch._foreach_addcmul_(s, diff, diff, 1 - rho)  # (1-rho)*diff*diff: finite for every finite g
+    torch._foreach_addcmul_(s, torch._foreach_mul(diff, 1 - rho), diff)
     torch._foreach_lerp_(m, g, 1 - beta1)
     torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, g, g, 1 - beta2)
+    torch._foreach_addcmul_(v, torch._foreach_mul(g, 1 - beta2), g)
     del diff, g
 
     if wd != 0:
