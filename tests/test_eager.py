@@ -1,5 +1,6 @@
 """What only the eager backend has: bounded temporaries for large tensors."""
 
+import pytest
 import torch
 
 from conftest import DEVICE, step_beside_reference
@@ -64,3 +65,53 @@ def test_large_grads_stay_finite_whichever_order_addcmul_multiplies_in(monkeypat
               softness=1.0, gate_eps=1e-16, warmup_steps=0, maximize=False)
     p, _, ref_theta = step_beside_reference(theta, grads, "eager", hp)
     torch.testing.assert_close(p.detach().cpu().double(), ref_theta, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_states_are_updated_in_float32_and_rounded_once():
+    """v and s kept in bfloat16: each step computes beta2*v + (1-beta2)*g^2 and rho*s + (1-rho)*(g-m)^2
+    in float32 and rounds once on store; updated in their bf16 storage they would round after each
+    op (within one bf16 rounding, which every tolerance allows: a mutmut survivor). Against the
+    float64 closed form from the same stored states, rounded once."""
+    gen = torch.Generator().manual_seed(11)
+    n = 4096
+    p = torch.nn.Parameter(torch.randn(n, generator=gen))
+    opt = SNRAdamW([p], lr=1e-3, betas=(0.9, 0.99), rho=0.9, backend="eager", state_dtype=torch.bfloat16)
+    p.grad = torch.randn(n, generator=gen)
+    opt.step()
+    state = opt.state[p]
+    m0, v0, s0 = (state[k].double() for k in ("exp_avg", "exp_avg_sq", "exp_grad_var"))
+    g = torch.randn(n, generator=gen)
+    p.grad = g.clone()
+    opt.step()
+    g = g.double()
+    for key, want in (("exp_avg_sq", 0.99 * v0 + 0.01 * g * g), ("exp_grad_var", 0.9 * s0 + 0.1 * (g - m0) ** 2)):
+        differ = int((state[key] != want.to(torch.bfloat16)).sum())
+        assert differ <= n // 1000, (key, differ)  # float32 vs float64 may part at a rounding boundary
+
+
+def test_an_s_hat_past_float32_under_a_gate_weight_of_zero_leaves_the_step_finite():
+    """rho near 0 and |g| = 3e19: s = (1 - rho)(g - m)^2 overflows float32 while v (times 1 - beta2)
+    does not. With softness 0 the snr gate's s-hat term has weight 0, and 0 * inf must not make
+    the gate NaN: the step matches the float64 reference, where nothing overflows. (rho = 0
+    exactly would make s = 0 * inf = NaN from the next step on, in every float32 backend.)"""
+    gen = torch.Generator().manual_seed(12)
+    theta = torch.randn(64, generator=gen)
+    grads = [torch.randn(64, generator=gen).sign() * 3e19 for _ in range(3)]
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), rho=1e-3, eps=1e-8, weight_decay=0.0, gate="snr", alpha=1.0,
+              softness=0.0, gate_eps=1e-16, warmup_steps=0, maximize=False)
+    p, opt, ref_theta = step_beside_reference(theta, grads, "eager", hp)
+    assert torch.isinf(opt.state[p]["exp_grad_var"]).any()  # the case: s past float32's range
+    torch.testing.assert_close(p.detach().cpu().double(), ref_theta, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_params_stats_are_summed_in_float64():
+    """At t = 1 m-hat = g, so the stats' signal is sum(g^2): for float64 params to float64's
+    precision (a float32 sum of 2^16 terms is off by about 1e-7)."""
+    gen = torch.Generator().manual_seed(13)
+    p = torch.nn.Parameter(torch.randn(1 << 16, generator=gen, dtype=torch.float64).to(DEVICE))
+    g = torch.randn(1 << 16, generator=gen, dtype=torch.float64) * (1 + torch.rand(1 << 16, generator=gen,
+                                                                                  dtype=torch.float64))
+    opt = SNRAdamW([p], backend="eager", track_stats=True)
+    p.grad = g.to(DEVICE)
+    opt.step()
+    assert opt.stats()["signal"] == pytest.approx(float((g * g).sum()), rel=1e-12)
