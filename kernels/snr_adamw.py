@@ -264,7 +264,8 @@ def snr_adamw_kernel(
     bc3 = _one_minus_pow(lrho_hi, lrho_lo, t)
 
     diff = g - m  # m before this step's update
-    s = rho * s + (one_minus_rho * diff) * diff  # (1-rho)*diff first: finite for every finite g
+    # (1-rho)*diff first: finite for every finite g; rho = 0 forgets s (0 * inf would be NaN)
+    s = tl.where(rho != 0.0, rho * s, 0.0) + (one_minus_rho * diff) * diff
     # torch's lerp(m, g, w = 1 - beta1), both of its branches: from g when w >= 0.5, so that
     # beta1 = 0 gives m = g exactly (m + w * (g - m) cancels to 0 where |m| >> |g|)
     m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * diff, g - diff * (1.0 - one_minus_beta1))

@@ -102,7 +102,8 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         const float g = LOADP(grad[i]) * sign;                                                     \
         float m = LOADS(m_buf[i]);                                                                 \
         const float diff = g - m;                                                                  \
-        const float s = rho * LOADS(s_buf[i]) + (omrho * diff) * diff; /* finite for finite g */   \
+        /* finite for finite g; rho = 0 forgets s (0 * inf would be NaN) */                       \
+        const float s = (rho != 0.0f ? rho * LOADS(s_buf[i]) : 0.0f) + (omrho * diff) * diff;       \
         /* torch's lerp(m, g, w = 1 - beta1), both branches: from g when w >= 0.5, so beta1 = 0   \
          * gives m = g exactly (m + w * (g - m) cancels to 0 where |m| >> |g|) */                \
         m = (lerp_low ? m : g) + lerp_w * diff; /* g - (1 - w) * diff: the same rounding */      \

@@ -310,6 +310,23 @@ def test_groups_reordered_with_their_params_swapped_step_with_each_groups_own_lr
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rho_zero_forgets_an_s_past_float32(backend):
+    """rho = 0: s_t = (g - m)^2 whatever s_{t-1} was. With |g| = 3e19 that square passes float32's
+    range (s = inf), and rho * s = 0 * inf would make every later s NaN; s must be this step's
+    square again. Gate snr with softness 0 (s-hat's weight 0): the params match the float64
+    reference, where nothing overflows, and s is finite once the grads are small."""
+    gen = torch.Generator().manual_seed(6)
+    theta = torch.randn(64, generator=gen)
+    grads = [torch.randn(64, generator=gen).sign() * scale for scale in (3e19, 3e19, 1.0, 1.0)]
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), rho=0.0, eps=1e-8, weight_decay=0.0, gate="snr", alpha=1.0,
+              softness=0.0, gate_eps=1e-16, warmup_steps=0, maximize=False)
+    p, opt, ref_theta = step_beside_reference(theta, grads, backend, hp)
+    s = opt.state[p]["exp_grad_var"]
+    assert torch.isfinite(s).all()  # (g4 - m3)^2: m3 is about 3e18, finite squared times 1
+    torch.testing.assert_close(p.detach().cpu().double(), ref_theta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", ["snr", "soft", "hard", "none"])
 def test_large_finite_grads_keep_params_finite_and_match_the_reference(backend, gate):
     """|g| = 3e19: m-hat^2 and alpha*s-hat overflow float32 (the old gates gave inf/inf = NaN on

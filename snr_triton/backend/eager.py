@@ -225,7 +225,10 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: Tensor | None,
     # g (|g| = 3e19 squares past float32's range). addcmul's own order differs by device: the CPU
     # kernel multiplies the value in first, CUDA's _foreach_addcmul_ squares first (inf on an H200).
     diff = torch._foreach_sub(g, m)  # m before this step's update
-    torch._foreach_mul_(s, rho)
+    if rho == 0:  # s_t is this step's square, whatever s_{t-1} was (0 * inf would be NaN)
+        torch._foreach_zero_(s)
+    else:
+        torch._foreach_mul_(s, rho)
     torch._foreach_addcmul_(s, torch._foreach_mul(diff, 1 - rho), diff)
     torch._foreach_lerp_(m, g, 1 - beta1)
     torch._foreach_mul_(v, beta2)
