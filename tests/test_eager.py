@@ -115,3 +115,53 @@ def test_float64_params_stats_are_summed_in_float64():
     p.grad = g.to(DEVICE)
     opt.step()
     assert opt.stats()["signal"] == pytest.approx(float((g * g).sum()), rel=1e-12)
+
+
+def test_a_skip_decided_on_the_device_holds_for_every_batch_of_a_step(monkeypatch):
+    """Compiled (or with a GPU's found_inf) the eager backend decides a skip on the device and
+    stores none of the copies it stepped. With batches flushed in the middle of a step (BATCH
+    made small here; in use it is 4M elements), every batch must get that decision, not only
+    the last: a non-finite grad in the last param leaves the first two untouched too."""
+    monkeypatch.setattr(eager, "BATCH", 64)  # 50 + 40 elements flush a batch; the 30 are the last
+    torch._dynamo.reset()
+    try:
+        params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (50, 40, 30)]
+        opt = SNRAdamW(params, backend="eager", max_grad_norm=1.0)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        compiled = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+        before = [p.detach().clone() for p in params]
+        states = [{key: value.clone() for key, value in opt.state[p].items()} for p in params]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        params[2].grad[0] = float("inf")
+        compiled()
+        for p, old, state in zip(params, before, states):
+            assert torch.equal(p.detach(), old)
+            for key, value in state.items():
+                assert torch.equal(opt.state[p][key], value), key
+        params[2].grad[0] = 0.0
+        compiled()  # a finite step after it moves every param
+        assert all(not torch.equal(p.detach(), old) for p, old in zip(params, before))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_one_param_step_skipped_on_the_device_changes_nothing():
+    """The device-decided skip of a bucket holding a single param (its step count too)."""
+    torch._dynamo.reset()
+    try:
+        p = torch.nn.Parameter(torch.randn(8, device=DEVICE))
+        opt = SNRAdamW([p], backend="eager", max_grad_norm=1.0)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        compiled = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+        before, state = p.detach().clone(), {key: value.clone() for key, value in opt.state[p].items()}
+        p.grad = torch.randn_like(p)
+        p.grad[0] = float("inf")
+        compiled()
+        assert torch.equal(p.detach(), before)
+        assert all(torch.equal(opt.state[p][key], value) for key, value in state.items())
+    finally:
+        torch._dynamo.reset()
