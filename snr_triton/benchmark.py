@@ -8,6 +8,7 @@ model (read theta, g, m, v, s; write theta, m, v, s), so GB/s compares like with
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -372,7 +373,8 @@ def run(devices: list[str], sizes: list[int] | None, steps: int, dtypes: list[st
                 print(f"| {format_size(numel)} | {dt} | out of memory: {str(error).splitlines()[0]} |", flush=True)
                 continue
             finally:
-                if cuda:
+                if cuda:  # the failed cell's tensors, held by its traceback's frames, freed first
+                    gc.collect()
                     torch.cuda.empty_cache()
             lines = []
             for r in rows:

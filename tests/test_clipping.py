@@ -320,3 +320,29 @@ def test_a_compiled_step_with_clipping_equals_eager_and_skips_on_device(backend,
         torch.testing.assert_close(opts[0].last_grad_norm(), opts[1].last_grad_norm(), rtol=1e-6, atol=0)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_compiled_one_param_step_with_clipping_equals_eager(backend):
+    """A bucket of one param, compiled (aot_eager, fullgraph): the norm pass's output and the
+    step with a single grad, against the same optimizer uncompiled."""
+    torch._dynamo.reset()
+    try:
+        gen = torch.Generator().manual_seed(8)
+        theta = torch.randn(12, generator=gen)
+        params = [torch.nn.Parameter(theta.clone().to(DEVICE)) for _ in range(2)]
+        opts = [SNRAdamW([p], lr=1e-2, backend=backend, max_grad_norm=0.05) for p in params]
+        compiled = torch.compile(opts[0].step, backend="aot_eager", fullgraph=True)
+        for k in range(3):
+            g = torch.randn(12, generator=gen).to(DEVICE)
+            for p in params:
+                p.grad = g.clone()
+            opts[1].step()
+            if k == 0:
+                opts[0].step()  # the state made eagerly, as in use
+            else:
+                compiled()
+        torch.testing.assert_close(params[0], params[1], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opts[0].last_grad_norm(), opts[1].last_grad_norm(), rtol=1e-6, atol=0)
+    finally:
+        torch._dynamo.reset()
