@@ -112,3 +112,27 @@ def test_a_compiled_step_skipped_on_the_device_counts_nothing_in_its_stats(backe
     stats = opt.stats()
     assert math.isnan(stats["mean_gate"]) and math.isnan(stats["frac_above"])
     assert stats["signal"] == 0 and stats["noise"] == 0
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.uint8], ids=["fp32_states", "8bit_states"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_steps_after_compiled_ones_equal_a_twin_stepped_eagerly(backend, state_dtype):
+    """Compiled steps hand the kernel the states' addresses; an eager step after them (an eval
+    loop's, a step outside the compiled function) must point the kernel back at the states' own:
+    the same params as a twin that never compiled."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(DEVICE)
+    twin = copy.deepcopy(model)
+    opt, twin_opt = (SNRAdamW(m.parameters(), lr=torch.tensor(1e-2, device=DEVICE), backend=backend,
+                              state_dtype=state_dtype) for m in (model, twin))
+    compiled = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    for k in range(6):
+        backward(model, k)
+        backward(twin, k)
+        if 1 <= k <= 3:
+            compiled()
+        else:  # eager before (the states made) and after the compiled steps
+            opt.step()
+        twin_opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
