@@ -54,8 +54,7 @@ fi
 stage sync-debug 60 python3 -m pytest -v -p no:cacheprovider -rfE --timeout 50 \
     tests/test_gpu.py::test_no_host_synchronization_in_a_step
 stage pytest_gpu 90 python3 -m pytest -v -p no:cacheprovider -rfE --timeout 120 tests/test_gpu.py \
-    --deselect "tests/test_gpu.py::test_no_host_synchronization_in_a_step[fp32-states]" \
-    --deselect "tests/test_gpu.py::test_no_host_synchronization_in_a_step[8-bit-states]"
+    -k "not test_no_host_synchronization_in_a_step"
 # -v: each result is logged as it comes, so a stage cut off at its limit still says what failed
 # (the first run, 2026-11-29, finished every test but hung at exit and lost its summary);
 # one inductor compile thread per worker: no compile-worker pools left behind at exit.

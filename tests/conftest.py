@@ -64,6 +64,17 @@ def device():
     return DEVICE
 
 
+def installed_distribution():
+    """snr-triton's installed distribution, or a skip: a bare source tree on PYTHONPATH (as
+    bench/gpu_check.sh runs it) has none."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.distribution("snr-triton")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("snr-triton is not installed (running from a bare source tree)")
+
+
 def step_beside_reference(theta, grads, backend, hp):
     """One param from `theta` stepped by SNRAdamW(backend, **hp) and by the float64 reference over
     the same `grads`: (the param, its optimizer, the reference's float64 theta)."""

@@ -2,10 +2,9 @@
 (checked here on hand-made files whose summaries are worked out by hand), and those files ship
 in the package."""
 
-import importlib.metadata
-
 import pytest
 
+from conftest import installed_distribution
 from snr_triton import claims
 
 
@@ -83,10 +82,7 @@ def test_missing_files_give_no_claim(monkeypatch):
 
 def test_the_studies_results_ship_in_the_package():
     """Installed (not only editable) the package carries bench/paper/results as snr_triton.results."""
-    try:
-        importlib.metadata.distribution("snr-triton")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("snr-triton is not installed (a bare source tree on PYTHONPATH, as bench/gpu_check.sh runs it)")
+    installed_distribution()
     assert isinstance(claims.load("grokking_transformer.json"), list)
     assert claims.load("inr_control.json")["runs"] and claims.load("dpo.json")["runs"]
     assert "AdamW needs" in claims.grokking() and "lr-matched control" in claims.inr() and "flipped" in claims.dpo()

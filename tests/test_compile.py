@@ -12,12 +12,12 @@ from conftest import BACKENDS, DEVICE
 from snr_triton import SNRAdamW
 
 
-def pair(backend, gate="snr"):
+def pair(backend, gate="snr", state_dtype=torch.float32):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(DEVICE)
     twin = copy.deepcopy(model)
     opts = [SNRAdamW(m.parameters(), lr=torch.tensor(1e-2, device=DEVICE), alpha=0.5, gate=gate, backend=backend,
-                     track_stats=True) for m in (model, twin)]
+                     track_stats=True, state_dtype=state_dtype) for m in (model, twin)]
     return (model, opts[0]), (twin, opts[1])
 
 
@@ -120,11 +120,7 @@ def test_eager_steps_after_compiled_ones_equal_a_twin_stepped_eagerly(backend, s
     """Compiled steps hand the kernel the states' addresses; an eager step after them (an eval
     loop's, a step outside the compiled function) must point the kernel back at the states' own:
     the same params as a twin that never compiled."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(DEVICE)
-    twin = copy.deepcopy(model)
-    opt, twin_opt = (SNRAdamW(m.parameters(), lr=torch.tensor(1e-2, device=DEVICE), backend=backend,
-                              state_dtype=state_dtype) for m in (model, twin))
+    (model, opt), (twin, twin_opt) = pair(backend, state_dtype=state_dtype)
     compiled = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
     for k in range(6):
         backward(model, k)

@@ -7,17 +7,11 @@ import sys
 
 import pytest
 
-
-def installed():
-    """The installed distribution; a bare source tree on PYTHONPATH (bench/gpu_check.sh) has none."""
-    try:
-        return importlib.metadata.distribution("snr-triton")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("snr-triton is not installed (running from a bare source tree)")
+from conftest import installed_distribution
 
 
 def installed_files():
-    dist = installed()
+    dist = installed_distribution()
     files = [str(f) for f in dist.files or []]
     if str(getattr(dist, "_path", "")).endswith(".egg-info") or any("__editable__" in f for f in files):
         pytest.skip("a development (editable) install: the wheel's layout is checked in CI")
@@ -38,7 +32,7 @@ def test_study_results_ship_inside_the_package():
 
 
 def test_console_script():
-    installed()
+    installed_distribution()
     out = subprocess.run([sys.executable, "-m", "snr_triton.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "check" in out.stdout
     eps = importlib.metadata.entry_points(group="console_scripts")
