@@ -40,6 +40,7 @@ TRITON_TESTS = ("tests/test_backends.py", "tests/test_triton.py", "tests/test_be
 
 EIGHT_BIT_TESTS = ("tests/test_8bit_states.py", "tests/test_cpu.py")
 
+RESHARDED = "tests/test_distributed.py::test_a_param_resharded_in_place_between_steps_keeps_its_states"
 MUTANTS = [
     # the C kernel
     Mutant("c: 8-bit ties to the upper code", C, "const int32_t above = low > (entry >> 8);",
@@ -162,6 +163,16 @@ MUTANTS = [
            ("tests/test_distributed.py::test_max_grad_norm_under_zero_redundancy_optimizer_is_refused",)),
     Mutant("triton: norm pass drops the tail", TRITON, "g = tl.load(g_base + offs, mask=offs < numel, other=0.0)",
            "g = tl.load(g_base + offs, mask=offs < numel - 1, other=0.0)", ("tests/test_clipping.py",)),
+    Mutant("dtensor: a slot kept when its param's placements changed", "snr_triton/param_states.py",
+           "(p.device_mesh, p.placements) == self.placements)", "(p.device_mesh, p.placements) != self.placements)",
+           (RESHARDED,)),
+    Mutant("dtensor: states of another layout not redistributed", "snr_triton/param_states.py",
+           "    return t.redistribute(p.device_mesh, p.placements) if resharded(t, p) else t", "    return t",
+           (RESHARDED,)),
+    Mutant("dtensor: a checkpoint's scales with too few blocks taken", "snr_triton/param_states.py",
+           "return row[:blocks] if row.numel() >= blocks else None", "return row[:blocks]", (RESHARDED,)),
+    Mutant("dtensor: a state on another mesh not refused", "snr_triton/optimizer.py",
+           "if is_dtensor(t) and is_dtensor(p) and t.device_mesh != p.device_mesh:", "if False:", (RESHARDED,)),
     Mutant("cache: symlinks followed", "snr_triton/backend/kernel_cache.py", "fd = os.open(path, os.O_RDONLY | NOFOLLOW)",
            "fd = os.open(path, os.O_RDONLY)", ("tests/test_cache_security.py",)),
     Mutant("cache: any directory trusted", "snr_triton/backend/kernel_cache.py", "    if reason is None:\n        return root",

@@ -26,7 +26,7 @@ from . import backend, codebook
 from .contract import STATS
 from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, validate_group, validate_runtime
 from .param_states import (CODES, MAPS_KEPT, SCALES, STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real,
-                           is_dense, is_dtensor, like_param, local, local_scales, real_dtype, rng_seed,
+                           is_dense, is_dtensor, like_param, local, local_scales, real_dtype, resharded, rng_seed,
                            scales_layout)
 from .warn import warn_user
 
@@ -665,12 +665,21 @@ def _check_state(p: Tensor, st: Any, name: str, hint: str) -> None:
         value = st[key]
         if not isinstance(value, Tensor):
             raise ValueError(f"state {key!r} of {name} must be a tensor, got {type(value).__name__}")
+        _check_mesh(p, value, key, name)
         if as_real(value).shape != as_real(p).shape and value.shape != p.shape:
             raise ValueError(f"state {key!r} of {name} has shape {tuple(value.shape)}, its param "
                              f"{tuple(p.shape)}{hint}")
     step = st["step"]
     if isinstance(step, Tensor) and step.numel() != 1:
         raise ValueError(f"state 'step' of {name} must hold one number, got shape {tuple(step.shape)}")
+
+
+def _check_mesh(p: Tensor, t: Tensor, key: str, name: str) -> None:
+    """A DTensor param's DTensor state on its param's mesh: a state is redistributed to a param
+    resharded since, and redistribution cannot leave a mesh."""
+    if is_dtensor(t) and is_dtensor(p) and t.device_mesh != p.device_mesh:
+        raise ValueError(f"state {key!r} of {name} is a DTensor on another device mesh ({t.device_mesh}) "
+                         f"than its param ({p.device_mesh})")
 
 
 def _check_codes(p: Tensor, st: dict, key: str, name: str) -> None:
@@ -680,12 +689,15 @@ def _check_codes(p: Tensor, st: dict, key: str, name: str) -> None:
         if not isinstance(t, Tensor):
             raise ValueError(f"state {k!r} of {name} must be a tensor (8-bit states come as {key}{CODES} and "
                              f"{key}{SCALES}), got {type(t).__name__}")
-    real = as_real(p)
-    codes = as_real(codes)
-    if codes.dtype != torch.uint8 or codes.shape != real.shape or not is_dense(codes):
+    _check_mesh(p, codes, key + CODES, name)
+    whole = resharded(codes, p)  # its shard's blocks are decoded and redistributed: global shapes compared
+    want = (*p.shape, 2) if whole and p.is_complex() else p.shape if whole else as_real(p).shape
+    got = as_real(codes)
+    shape = codes.shape if whole else got.shape
+    if got.dtype != torch.uint8 or tuple(shape) != tuple(want) or not is_dense(got):
         raise ValueError(f"state {key + CODES!r} of {name} must be a dense uint8 tensor of its param's shape "
-                         f"{tuple(real.shape)}, got {codes.dtype} {tuple(codes.shape)}")
-    n = codebook.blocks(real.numel())
+                         f"{tuple(want)}, got {got.dtype} {tuple(shape)}")
+    n = codebook.blocks(got.numel())
     if scales.dtype != torch.float32 or local_scales(scales, n) is None:
         laid_out = f"laid out by scales_layout, {tuple(scales_layout(p)[0])}" if is_dtensor(p) else f"({n},)"
         raise ValueError(f"state {key + SCALES!r} of {name} must be float32 of shape {laid_out} (one scale per "

@@ -125,6 +125,19 @@ def local_scales(scales: Tensor, blocks: int) -> Tensor | None:
     return scales if scales.shape == (blocks,) else None
 
 
+def in_layout_of(t: Tensor, p: Tensor) -> Tensor:
+    """A DTensor state laid out as its DTensor param is now. A param resharded in place
+    (`torch.utils.swap_tensors`, as `module.to` does under swap_module_params_on_conversion) or
+    a checkpoint of another parallelism keeps its states' old placements; the update is
+    elementwise, so redistributing them is exact. A collective: every rank adopts the same states."""
+    return t.redistribute(p.device_mesh, p.placements) if resharded(t, p) else t
+
+
+def resharded(t: Tensor, p: Tensor) -> bool:
+    """True when DTensor state t is laid out otherwise than DTensor param p (on the same mesh)."""
+    return is_dtensor(t) and is_dtensor(p) and tuple(t.placements) != tuple(p.placements)
+
+
 def is_dense(t: Tensor) -> bool:
     """True when the elements fill exactly numel slots of memory from data_ptr on (any order)."""
     expected = 1
@@ -313,15 +326,21 @@ class Slot:
         given = {}  # the values of the states given, where they were not copied bit for bit
         for i, key in enumerate(STATE_KEYS):
             if key + CODES in old and key + SCALES in old:  # 8-bit states
-                codes = as_real(old[key + CODES])
+                shown = old[key + CODES]
+                codes = as_real(shown)
                 scales = local_scales(old[key + SCALES], codebook.blocks(codes.numel()))
-                if self.scales is not None and codes.stride() == self.real[i].stride():
+                other = resharded(shown, self.param)  # its blocks cover other shards: decoded
+                if self.scales is not None and not other and codes.stride() == self.real[i].stride():
                     self.real[i].copy_(codes)  # the same blocks: resumed bit for bit
                     self.scales[i].copy_(scales)
                     continue
                 given[key] = codebook.decode(codes, scales, SIGNED[i])
+                if other:
+                    values = _dtensor_class().from_local(given[key], shown.device_mesh, shown.placements,
+                                                         run_check=False, shape=shown.shape, stride=shown.stride())
+                    given[key] = as_real(in_layout_of(values, self.param))
             elif key in old:
-                given[key] = as_real(old[key])
+                given[key] = as_real(in_layout_of(old[key], self.param))
             else:
                 continue
             self.store(i, given[key])

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import BACKENDS
-from snr_triton import SNRAdamW, codebook
+from snr_triton import SNRAdamW, codebook, reference
+from snr_triton.param_states import SIGNED, STATE_KEYS, local
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -645,3 +646,123 @@ def test_max_grad_norm_under_zero_redundancy_optimizer_is_refused(tmp_path):
     assert message == ("max_grad_norm: ZeroRedundancyOptimizer gives each rank's SNRAdamW only its shard of the "
                        "params, so the norm would be the shard's; leave max_grad_norm=None and clip with "
                        "torch.nn.utils.clip_grad_norm_(model.parameters(), c) before opt.step()")
+
+
+RESHARD_STEPS = 4  # the param goes from Shard(0) to Replicate() in place after half of them
+
+
+def _reshard_data():
+    """5 rows of 300: uneven shards (900 and 600 elements: 4 blocks and 3) whose 256-blocks are
+    not the whole tensor's."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(5, 300, generator=gen), [torch.randn(5, 300, generator=gen) for _ in range(RESHARD_STEPS)]
+
+
+def _resharded(rank, port, backend, out):
+    """A Shard(0) param resharded in place to Replicate() between steps (torch.utils.swap_tensors,
+    as module.to() does under swap_module_params_on_conversion), its states laid out as before:
+    fp32 states adopted by the next step; 8-bit states by load_state_dict of the optimizer's own
+    state_dict (a checkpoint of another layout), then stepped. Also an 8-bit checkpoint whose
+    scales hold fewer blocks than each shard needs. The old code stepped neither: a size
+    mismatch halfway through adopting the states (fp32), a ValueError naming local shapes (8-bit).
+    Refused, nothing changed: an 8-bit checkpoint whose scales hold fewer blocks than each shard
+    needs, and one whose codes live on another mesh."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    _init(rank, port)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full, grads = _reshard_data()
+    result = {}
+    for state_dtype in (torch.float32, torch.uint8):
+        p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+        opt = SNRAdamW([p], backend=backend, state_dtype=state_dtype, **HP)
+        got = {}
+        for k, g in enumerate(grads):
+            if k == RESHARD_STEPS // 2:
+                got["before"] = {key: t.full_tensor() for key, t in opt.decoded_state(p).items() if key != "step"}
+                got["param before"] = p.full_tensor()
+                torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().redistribute(mesh, [Replicate()])))
+                if state_dtype == torch.uint8:
+                    opt.load_state_dict(opt.state_dict())
+                    got["adopted"] = {key: t.to_local().clone() for key, t in opt.state[p].items() if key != "step"}
+            p.grad = distribute_tensor(g, mesh, p.placements)
+            opt.step()
+        got["param"] = p.full_tensor()
+        got["states"] = {key: t.full_tensor() for key, t in opt.decoded_state(p).items() if key != "step"}
+        got["placements"] = [str(t.placements) for t in opt.state[p].values() if isinstance(t, DTensor)]
+        result[str(state_dtype)] = got
+
+    p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+    opt = SNRAdamW([p], backend=backend, state_dtype=torch.uint8, **HP)
+    p.grad = distribute_tensor(grads[0], mesh, [Shard(0)])
+    opt.step()
+    saved = opt.state_dict()
+    short = saved["state"][0]["exp_avg_scales"].to_local()[..., :2]  # 2 blocks a row; each shard needs 3 or more
+    other_mesh = dict(saved["state"][0])  # valid scales, the codes on a mesh of their own
+    saved["state"][0]["exp_avg_scales"] = DTensor.from_local(short, mesh, [Shard(0)], run_check=False,
+                                                             shape=(WORLD, 2), stride=(2, 1))
+    other_mesh["exp_avg_codes"] = DTensor.from_local(local(other_mesh["exp_avg_codes"]), DeviceMesh("cpu", [[0, 1]]),
+                                                     [Shard(0), Replicate()], run_check=False, shape=full.shape,
+                                                     stride=full.stride())
+    for case, state in (("short", saved["state"][0]), ("other mesh", other_mesh)):
+        before = [local(t).clone() for t in (p, *opt.state[p].values())]
+        try:
+            opt.load_state_dict({**saved, "state": {0: state}})
+            result[case] = None
+        except ValueError as e:
+            result[case] = str(e)
+        after = [local(t) for t in (p, *opt.state[p].values())]
+        result[case + " unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after))
+    if rank == 0:
+        torch.save(result, out)
+    _finish()
+
+
+@pytest.mark.parametrize("backend", DIST_BACKENDS)
+def test_a_param_resharded_in_place_between_steps_keeps_its_states(backend, tmp_path):
+    """The truth: one process stepping the whole tensor (the update is elementwise, so fp32
+    states are bit for bit the same), and for the 8-bit states adopted in the new layout, the
+    reference's nearest codes of the decoded old states in the whole tensor's blocks (a
+    Replicate() param's local shard is the whole tensor), then a plain twin loaded with them."""
+    out = tmp_path / "resharded.pt"
+    spawn(_resharded, backend, str(out))
+    got = torch.load(out)
+    full, grads = _reshard_data()
+
+    fp32 = got[str(torch.float32)]
+    q = torch.nn.Parameter(full.clone())
+    twin = SNRAdamW([q], backend=backend, **HP)
+    for g in grads:
+        q.grad = g.clone()
+        twin.step()
+    assert torch.equal(fp32["param"], q.detach())
+    for key in STATE_KEYS:
+        assert torch.equal(fp32["states"][key], twin.state[q][key]), key
+    assert fp32["placements"] == ["(Replicate(),)"] * 3
+
+    coded = got[str(torch.uint8)]
+    adopted = coded["adopted"]
+    for key in STATE_KEYS:
+        codes, scales, _ = reference.encode_8bit(coded["before"][key].double(), SIGNED[STATE_KEYS.index(key)])
+        assert torch.equal(adopted[key + "_scales"].reshape(-1)[:scales.numel()], scales), key
+        assert (adopted[key + "_codes"] != codes).sum() <= 2, key
+    q = torch.nn.Parameter(coded["param before"].clone())
+    twin = SNRAdamW([q], backend=backend, state_dtype=torch.uint8, **HP)
+    twin.load_state_dict({"state": {0: {"step": torch.tensor(float(RESHARD_STEPS // 2)),
+                                        **{k: v.reshape(-1) if k.endswith("_scales") else v
+                                           for k, v in adopted.items()}}},
+                          "param_groups": twin.state_dict()["param_groups"]})
+    for g in grads[RESHARD_STEPS // 2:]:
+        q.grad = g.clone()
+        twin.step()
+    assert torch.equal(coded["param"], q.detach())
+    for key in STATE_KEYS:
+        assert torch.equal(coded["states"][key], twin.decoded_state(q)[key]), key
+    assert coded["placements"] == ["(Replicate(),)"] * 6
+
+    assert got["short"] == ("state 'exp_avg_scales' of param 0 must be float32 of shape laid out by scales_layout, "
+                            "(2, 4) (one scale per 256 elements), got torch.float32 (2, 2)")
+    assert got["short unchanged"]
+    assert got["other mesh"].startswith("state 'exp_avg_codes' of param 0 is a DTensor on another device mesh (")
+    assert got["other mesh unchanged"]
