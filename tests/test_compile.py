@@ -132,3 +132,50 @@ def test_eager_steps_after_compiled_ones_equal_a_twin_stepped_eagerly(backend, s
         twin_opt.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.uint8], ids=["fp32_states", "8bit_states"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+def test_the_step_op_steps_copies_of_the_states_it_is_handed(backend, state_dtype, monkeypatch):
+    """Under torch.compile the custom op gets every tensor it writes as an argument, and a compiler
+    may hand it copies of the states (functionalized, then copied back) while the params and
+    grads stay where they were. Emulated here: the op called as under compile, with fresh copies
+    of the states each step (the previous step's kept alive, so the addresses differ), copied back
+    after, and the grads written in place (their addresses unchanged too). The kernel must step the copies it is handed: the same params and states as a twin
+    stepped eagerly. (A block map keyed by the param and grad addresses alone stepped the
+    previous step's copies.)"""
+    import importlib
+
+    module = importlib.import_module(f"snr_triton.backend.{backend}")
+    (model, opt), (twin, twin_opt) = pair(backend, state_dtype=state_dtype)
+    real_op, kept = module.fused_step_op, []
+
+    def copying_op(params, grads, *rest):
+        states, rest = rest[:6], rest[6:]
+        copies = [[t.clone() for t in ts] for ts in states]
+        kept.append(copies)
+        real_op(params, grads, *copies, *rest)
+        for originals, handed in zip(states, copies):
+            for original, copy_ in zip(originals, handed):
+                original.copy_(copy_)
+
+    gen = torch.Generator().manual_seed(0)
+    for k in range(5):
+        for a, b in zip(model.parameters(), twin.parameters()):  # grads written in place: same addresses
+            g = torch.randn(a.shape, generator=gen).to(DEVICE)
+            if k == 0:
+                a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
+            a.grad.copy_(g)
+            b.grad.copy_(g)
+        if k >= 1:  # the first step makes the states eagerly
+            with monkeypatch.context() as patch:
+                patch.setattr(module, "fused_step_op", copying_op)
+                patch.setattr(torch.compiler, "is_compiling", lambda: True)
+                opt.step()
+        else:
+            opt.step()
+        twin_opt.step()
+    assert len(kept) == 4 and len({t.data_ptr() for copies in kept for t in copies[0]}) == 4 * len(kept[0][0])
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+        assert all(torch.equal(x, y) for x, y in zip(opt.state[a].values(), twin_opt.state[b].values()))
