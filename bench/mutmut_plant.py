@@ -90,13 +90,14 @@ def main() -> None:
     parser.add_argument("-k", default="not triton", help="pytest -k expression (default: the fast backends)")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--every", type=int, default=1, help="a sample: every N-th mutant (default: all)")
+    parser.add_argument("--offset", type=int, default=0, help="the sample starts at this mutant (with --every)")
     parser.add_argument("--uncaught", action="store_true", help="only the mutants mutmut did not catch")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args()
     repo = args.mutmut_dir / "repo"
     tests = (*args.tests, "-k", args.k)
     rows, counts = ["| mutant | result | first failure |", "|---|---|---|"], {}
-    for name in mutant_names(repo, args.pattern, args.uncaught)[::args.every]:
+    for name in mutant_names(repo, args.pattern, args.uncaught)[args.offset::args.every]:
         mutant = as_mutant(repo, name, tests)
         result, seconds, detail = run(mutant, args.timeout) if mutant else ("not planted", 0.0, "no diff")
         counts[result] = counts.get(result, 0) + 1

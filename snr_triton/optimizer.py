@@ -666,12 +666,19 @@ def _check_state(p: Tensor, st: Any, name: str, hint: str) -> None:
         if not isinstance(value, Tensor):
             raise ValueError(f"state {key!r} of {name} must be a tensor, got {type(value).__name__}")
         _check_mesh(p, value, key, name)
-        if as_real(value).shape != as_real(p).shape and value.shape != p.shape:
+        if (tuple(value.shape) != _shown_shape(p, value)) if resharded(value, p) else \
+                (as_real(value).shape != as_real(p).shape and value.shape != p.shape):
             raise ValueError(f"state {key!r} of {name} has shape {tuple(value.shape)}, its param "
                              f"{tuple(p.shape)}{hint}")
     step = st["step"]
     if isinstance(step, Tensor) and step.numel() != 1:
         raise ValueError(f"state 'step' of {name} must hold one number, got shape {tuple(step.shape)}")
+
+
+def _shown_shape(p: Tensor, state: Tensor) -> tuple[int, ...]:
+    """p's global shape as a state of `state`'s kind shows it: a real state of a complex param
+    (bfloat16 states, 8-bit codes) as the real view's."""
+    return (*p.shape, 2) if p.is_complex() and not state.is_complex() else tuple(p.shape)
 
 
 def _check_mesh(p: Tensor, t: Tensor, key: str, name: str) -> None:
@@ -691,7 +698,7 @@ def _check_codes(p: Tensor, st: dict, key: str, name: str) -> None:
                              f"{key}{SCALES}), got {type(t).__name__}")
     _check_mesh(p, codes, key + CODES, name)
     whole = resharded(codes, p)  # its shard's blocks are decoded and redistributed: global shapes compared
-    want = (*p.shape, 2) if whole and p.is_complex() else p.shape if whole else as_real(p).shape
+    want = _shown_shape(p, codes) if whole else as_real(p).shape
     got = as_real(codes)
     shape = codes.shape if whole else got.shape
     if got.dtype != torch.uint8 or tuple(shape) != tuple(want) or not is_dense(got):

@@ -651,17 +651,24 @@ def test_max_grad_norm_under_zero_redundancy_optimizer_is_refused(tmp_path):
 RESHARD_STEPS = 4  # the param goes from Shard(0) to Replicate() in place after half of them
 
 
-def _reshard_data():
+def _reshard_data(complex_=False):
     """5 rows of 300: uneven shards (900 and 600 elements: 4 blocks and 3) whose 256-blocks are
-    not the whole tensor's."""
+    not the whole tensor's; or the same numbers as 5 rows of 150 complex."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(5, 300, generator=gen), [torch.randn(5, 300, generator=gen) for _ in range(RESHARD_STEPS)]
+    full, grads = torch.randn(5, 300, generator=gen), [torch.randn(5, 300, generator=gen) for _ in range(RESHARD_STEPS)]
+    if complex_:
+        return torch.view_as_complex(full.view(5, 150, 2)), [torch.view_as_complex(g.view(5, 150, 2)) for g in grads]
+    return full, grads
+
+
+RESHARD_CASES = {"fp32 states": (torch.float32, False), "8-bit states": (torch.uint8, False),
+                 "bf16 states, complex": (torch.bfloat16, True)}  # bf16 states of a complex param: real views
 
 
 def _resharded(rank, port, backend, out):
     """A Shard(0) param resharded in place to Replicate() between steps (torch.utils.swap_tensors,
     as module.to() does under swap_module_params_on_conversion), its states laid out as before:
-    fp32 states adopted by the next step; 8-bit states by load_state_dict of the optimizer's own
+    fp32 states, and bf16 states of a complex param (real views), adopted by the next step; 8-bit states by load_state_dict of the optimizer's own
     state_dict (a checkpoint of another layout), then stepped. Also an 8-bit checkpoint whose
     scales hold fewer blocks than each shard needs. The old code stepped neither: a size
     mismatch halfway through adopting the states (fp32), a ValueError naming local shapes (8-bit).
@@ -672,9 +679,9 @@ def _resharded(rank, port, backend, out):
 
     _init(rank, port)
     mesh = init_device_mesh("cpu", (WORLD,))
-    full, grads = _reshard_data()
     result = {}
-    for state_dtype in (torch.float32, torch.uint8):
+    for case, (state_dtype, complex_) in RESHARD_CASES.items():
+        full, grads = _reshard_data(complex_)
         p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
         opt = SNRAdamW([p], backend=backend, state_dtype=state_dtype, **HP)
         got = {}
@@ -691,8 +698,9 @@ def _resharded(rank, port, backend, out):
         got["param"] = p.full_tensor()
         got["states"] = {key: t.full_tensor() for key, t in opt.decoded_state(p).items() if key != "step"}
         got["placements"] = [str(t.placements) for t in opt.state[p].values() if isinstance(t, DTensor)]
-        result[str(state_dtype)] = got
+        result[case] = got
 
+    full, grads = _reshard_data()
     p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
     opt = SNRAdamW([p], backend=backend, state_dtype=torch.uint8, **HP)
     p.grad = distribute_tensor(grads[0], mesh, [Shard(0)])
@@ -728,20 +736,21 @@ def test_a_param_resharded_in_place_between_steps_keeps_its_states(backend, tmp_
     out = tmp_path / "resharded.pt"
     spawn(_resharded, backend, str(out))
     got = torch.load(out)
+    for case in ("fp32 states", "bf16 states, complex"):
+        state_dtype, complex_ = RESHARD_CASES[case]
+        full, grads = _reshard_data(complex_)
+        q = torch.nn.Parameter(full.clone())
+        twin = SNRAdamW([q], backend=backend, state_dtype=state_dtype, **HP)
+        for g in grads:
+            q.grad = g.clone()
+            twin.step()
+        assert torch.equal(got[case]["param"], q.detach()), case
+        for key in STATE_KEYS:
+            assert torch.equal(got[case]["states"][key], twin.decoded_state(q)[key]), (case, key)
+        assert got[case]["placements"] == ["(Replicate(),)"] * 3, case
+
     full, grads = _reshard_data()
-
-    fp32 = got[str(torch.float32)]
-    q = torch.nn.Parameter(full.clone())
-    twin = SNRAdamW([q], backend=backend, **HP)
-    for g in grads:
-        q.grad = g.clone()
-        twin.step()
-    assert torch.equal(fp32["param"], q.detach())
-    for key in STATE_KEYS:
-        assert torch.equal(fp32["states"][key], twin.state[q][key]), key
-    assert fp32["placements"] == ["(Replicate(),)"] * 3
-
-    coded = got[str(torch.uint8)]
+    coded = got["8-bit states"]
     adopted = coded["adopted"]
     for key in STATE_KEYS:
         codes, scales, _ = reference.encode_8bit(coded["before"][key].double(), SIGNED[STATE_KEYS.index(key)])
