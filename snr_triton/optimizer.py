@@ -701,12 +701,13 @@ def _check_codes(p: Tensor, st: dict, key: str, name: str) -> None:
     want = _shown_shape(p, codes) if whole else as_real(p).shape
     got = as_real(codes)
     shape = codes.shape if whole else got.shape
+    laid_out_by = codes if whole else p  # the scales of resharded codes: laid out as the codes are
     if got.dtype != torch.uint8 or tuple(shape) != tuple(want) or not is_dense(got):
         raise ValueError(f"state {key + CODES!r} of {name} must be a dense uint8 tensor of its param's shape "
                          f"{tuple(want)}, got {got.dtype} {tuple(shape)}")
     n = codebook.blocks(got.numel())
     if scales.dtype != torch.float32 or local_scales(scales, n) is None:
-        laid_out = f"laid out by scales_layout, {tuple(scales_layout(p)[0])}" if is_dtensor(p) else f"({n},)"
+        laid_out = f"laid out by scales_layout, {tuple(scales_layout(laid_out_by)[0])}" if is_dtensor(p) else f"({n},)"
         raise ValueError(f"state {key + SCALES!r} of {name} must be float32 of shape {laid_out} (one scale per "
                          f"{codebook.BLOCK} elements), got {scales.dtype} {tuple(scales.shape)}")
 

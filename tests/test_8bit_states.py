@@ -6,6 +6,8 @@ from the same codes, checkpoints bit-exact and converted from and to float state
 import copy
 import io
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,6 +48,17 @@ def test_the_code_tables_are_the_dynamic_maps_of_their_definition(signed):
     assert q[-1] == 1 and q[codebook.zero_code(signed)] == 0 and (q[0] == 0) != signed
     # bitsandbytes computes in float32: a few ulps from the exact values
     assert torch.all((q.double() - exact).abs() <= 4 * 2.0**-24 * exact.abs())
+
+
+def test_the_code_tables_built_under_a_float64_default_dtype_are_the_same(tmp_path):
+    """The tables are built when snr_triton is imported, which may come after scientific code's
+    torch.set_default_dtype(torch.float64): they are bitsandbytes' float32 computation still."""
+    out = tmp_path / "tables.pt"
+    script = ("import torch, sys; torch.set_default_dtype(torch.float64); from snr_triton import codebook; "
+              "torch.save({s: (codebook.table(s), codebook.midpoints(s)) for s in (True, False)}, sys.argv[1])")
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=120)
+    for signed, (q, mids) in torch.load(out).items():
+        assert torch.equal(q, codebook.table(signed)) and torch.equal(mids, codebook.midpoints(signed)), signed
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -141,17 +141,21 @@ def test_the_step_op_steps_copies_of_the_states_it_is_handed(backend, state_dtyp
     may hand it copies of the states (functionalized, then copied back) while the params and
     grads stay where they were. Emulated here: the op called as under compile, with fresh copies
     of the states each step (the previous step's kept alive, so the addresses differ), copied back
-    after, and the grads written in place (their addresses unchanged too). The kernel must step the copies it is handed: the same params and states as a twin
-    stepped eagerly. (A block map keyed by the param and grad addresses alone stepped the
-    previous step's copies.)"""
+    after, and the grads written in place (their addresses unchanged too). Every tensor the kernel
+    writes must be among the op's arguments, and the kernel must step the copies it is handed:
+    the same params and states as a twin stepped eagerly. (A block map keyed by the param and
+    grad addresses alone stepped the previous step's copies.)"""
     import importlib
 
     module = importlib.import_module(f"snr_triton.backend.{backend}")
     (model, opt), (twin, twin_opt) = pair(backend, state_dtype=state_dtype)
     real_op, kept = module.fused_step_op, []
 
+    arguments = []  # the addresses of the tensors the op was handed to write, per step
+
     def copying_op(params, grads, *rest):
         states, rest = rest[:6], rest[6:]
+        arguments.append({t.data_ptr() for ts in states for t in ts})
         copies = [[t.clone() for t in ts] for ts in states]
         kept.append(copies)
         real_op(params, grads, *copies, *rest)
@@ -176,6 +180,11 @@ def test_the_step_op_steps_copies_of_the_states_it_is_handed(backend, state_dtyp
             opt.step()
         twin_opt.step()
     assert len(kept) == 4 and len({t.data_ptr() for copies in kept for t in copies[0]}) == 4 * len(kept[0][0])
+    # every tensor the kernel writes is an argument (what functionalization relies on): m, v, s, and
+    # with 8-bit states their codes and scales
+    slots = [opt._slots[p] for p in model.parameters()]
+    written = {t.data_ptr() for slot in slots for t in (*slot.real, *(slot.scales or ()))}
+    assert all(addresses == written for addresses in arguments)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
         assert all(torch.equal(x, y) for x, y in zip(opt.state[a].values(), twin_opt.state[b].values()))
