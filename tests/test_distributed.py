@@ -668,12 +668,12 @@ RESHARD_CASES = {"fp32 states": (torch.float32, False), "8-bit states": (torch.u
 def _resharded(rank, port, backend, out):
     """A Shard(0) param resharded in place to Replicate() between steps (torch.utils.swap_tensors,
     as module.to() does under swap_module_params_on_conversion), its states laid out as before:
-    fp32 states, and bf16 states of a complex param (real views), adopted by the next step; 8-bit states by load_state_dict of the optimizer's own
-    state_dict (a checkpoint of another layout), then stepped. Also an 8-bit checkpoint whose
-    scales hold fewer blocks than each shard needs. The old code stepped neither: a size
-    mismatch halfway through adopting the states (fp32), a ValueError naming local shapes (8-bit).
-    Refused, nothing changed: an 8-bit checkpoint whose scales hold fewer blocks than each shard
-    needs, and one whose codes live on another mesh."""
+    fp32 states and bf16 states of a complex param (real views) adopted by the next step, 8-bit
+    states by load_state_dict of the optimizer's own state_dict (a checkpoint of another layout),
+    then stepped. The old code stepped none of them: a size mismatch halfway through adopting the
+    states (fp32, bf16), a ValueError naming local shapes (8-bit). Then two 8-bit checkpoints that
+    must be refused with nothing changed: scales holding fewer blocks than each shard needs, and
+    codes on another mesh."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -749,7 +749,7 @@ def test_a_param_resharded_in_place_between_steps_keeps_its_states(backend, tmp_
             assert torch.equal(got[case]["states"][key], twin.decoded_state(q)[key]), (case, key)
         assert got[case]["placements"] == ["(Replicate(),)"] * 3, case
 
-    full, grads = _reshard_data()
+    _, grads = _reshard_data()
     coded = got["8-bit states"]
     adopted = coded["adopted"]
     for key in STATE_KEYS:
