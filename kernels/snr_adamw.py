@@ -322,3 +322,36 @@ def grad_sq_kernel(meta_ptr, block_tensor_ptr, out_ptr, PARAM_DTYPE: tl.constexp
     g_base = tl.load(row + GRAD_ADDR).to(tl.pointer_type(PARAM_DTYPE))
     g = tl.load(g_base + offs, mask=offs < numel, other=0.0).to(tl.float64)
     tl.store(out_ptr + pid, tl.sum(g * g))
+
+
+@triton.jit
+def clip_coefficients_kernel(total_ptr, scale_ptr, found_ptr, skipped_ptr, divide_by_ptr, found_out_ptr,
+                             norm_out_ptr, skipped_out_ptr, max_norm: tl.float64, HAS_SCALE: tl.constexpr,
+                             HAS_FOUND: tl.constexpr, HAS_SKIPPED: tl.constexpr):
+    """max_grad_norm's coefficient from the sum of squares, in one launch instead of a dozen small
+    ops (snr_triton/clipping.py's `torch_ops` is the same arithmetic, op for op, in float64): the
+    norm N (after unscaling), the multiplier the step divides g by, found_inf with a non-finite N
+    added, and the count of skipped steps. Its float64 division and sqrt are IEEE's, correctly
+    rounded (div.rn.f64, sqrt.rn.f64: tests/test_codegen.py reads the PTX)."""
+    norm = tl.sqrt(tl.load(total_ptr).to(tl.float64))
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float64)
+        norm = norm / scale
+    # torch's `c / t` is reciprocal(t) * c: the same two roundings here
+    k = tl.minimum((1.0 / (norm + 1e-6)) * max_norm, 1.0)
+    bad = (norm - norm) != 0.0  # inf or NaN
+    k = tl.where(bad, 1.0, k)  # (its divisor is not used then)
+    if HAS_SCALE:
+        divide_by = scale / k
+    else:
+        divide_by = 1.0 / k
+    found = tl.where(bad, 1.0, 0.0).to(tl.float32)
+    if HAS_FOUND:
+        found = found + tl.load(found_ptr).to(tl.float32)
+    tl.store(divide_by_ptr, tl.where(bad, 1.0, divide_by).to(tl.float32))
+    tl.store(found_out_ptr, found)
+    tl.store(norm_out_ptr, norm.to(tl.float32))
+    skipped = tl.where(found != 0.0, 1.0, 0.0).to(tl.float64)
+    if HAS_SKIPPED:
+        skipped = skipped + tl.load(skipped_ptr).to(tl.float64)
+    tl.store(skipped_out_ptr, skipped)

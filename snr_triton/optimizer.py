@@ -446,9 +446,9 @@ class SNRAdamW(Optimizer):
 
     def _run(self, plan: list[Work], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         max_norm = self.defaults.get("max_grad_norm")
-        if max_norm is not None and plan:
+        if max_norm is not None and plan:  # counts a skipped step too
             grad_scale, found_inf = self._clip(plan, max_norm, grad_scale, found_inf)
-        if found_inf is not None:  # skipped steps, counted on the device
+        elif found_inf is not None:  # skipped steps, counted on the device
             skipped = self._last["skipped"]
             found = (found_inf != 0).double()
             self._last["skipped"] = found if skipped is None else skipped.to(found) + found
@@ -464,8 +464,9 @@ class SNRAdamW(Optimizer):
               found_inf: Tensor | None) -> tuple[Tensor, Tensor]:
         """The global grad norm N of this step (every bucket's grads, after GradScaler's unscale; a
         DTensor's over all its shards) and clip_grad_norm_'s coefficient k = min(1, c / (N + 1e-6)),
-        folded into the grad scale the kernels divide by; a non-finite N is a found_inf. All on the
-        device of the first bucket: no host read."""
+        folded into the grad scale the kernels divide by; a non-finite N is a found_inf, and a
+        skipped step is counted. All on the device of the first bucket, in one call of its
+        backend's `clip_coefficients` (snr_triton/clipping.py): no host read of a GPU tensor."""
         device = plan[0].bucket.device
         total = None
         for work in plan:
@@ -476,14 +477,11 @@ class SNRAdamW(Optimizer):
                     partial = _sum_over_shards(partial, *part[3])
                 partial = partial.to(device, non_blocking=True)
                 total = partial if total is None else total + partial
-        scale = grad_scale.to(device, torch.float64, non_blocking=True) if grad_scale is not None else None
-        norm = total.sqrt() if scale is None else total.sqrt() / scale
-        self._last["grad_norm"] = norm.float()
-        k = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        bad = (~torch.isfinite(norm)).float()
-        found = bad if found_inf is None else bad + found_inf.to(device, torch.float32, non_blocking=True)
-        divide_by = (1.0 / k) if scale is None else scale / k  # g / divide_by = g * k / grad_scale
-        return torch.where(bad > 0, 1.0, divide_by).float(), found
+        moved = [t.to(device, non_blocking=True) if t is not None else None
+                 for t in (grad_scale, found_inf, self._last["skipped"])]
+        divide_by, found, self._last["grad_norm"], self._last["skipped"] = \
+            plan[0].backend.clip_coefficients(total, *moved, max_norm)
+        return divide_by, found
 
     def last_grad_norm(self) -> Tensor:
         """N, the global grad norm of the last step (after GradScaler's unscale, before clipping), as

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import BACKENDS, DEVICE, dtypes_served
+from conftest import BACKENDS, DEVICE, TRITON, dtypes_served
 from snr_triton import SNRAdamW
 from snr_triton.check import DTYPES
 
@@ -232,15 +232,15 @@ def test_clipping_traces_without_graph_breaks(backend):
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_the_norm_pass_of_a_large_bucket_counts_every_chunk(threads):
-    """The C norm pass splits buckets of at least PARALLEL_MIN elements over threads, like the step:
-    2^18 + 2^15 elements (9 chunks) and a second tensor, against torch.nn.utils.get_total_norm.
+    """The C norm pass splits buckets of at least NORM_PARALLEL_MIN elements over threads, like the
+    step: 2^22 + 2^15 elements (129 chunks) and a second tensor, against torch.nn.utils.get_total_norm.
     (The shared test matrix runs on every backend; this one is the C kernel's threaded path.)"""
     if "cpu" not in BACKENDS:
         pytest.skip("no C compiler here")  # the C kernel only: tests/test_cpu.py says why it is missing
     from snr_triton.backend import cpu
 
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.zeros(n)) for n in (cpu.PARALLEL_MIN + cpu.CHUNK, 3 * cpu.CHUNK + 5)]
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (cpu.NORM_PARALLEL_MIN + cpu.CHUNK, 3 * cpu.CHUNK + 5)]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     opt = SNRAdamW(params, backend="cpu", max_grad_norm=1.0)
@@ -346,3 +346,101 @@ def test_a_compiled_one_param_step_with_clipping_equals_eager(backend):
         torch.testing.assert_close(opts[0].last_grad_norm(), opts[1].last_grad_norm(), rtol=1e-6, atol=0)
     finally:
         torch._dynamo.reset()
+
+
+TOTALS = [0.0, 1e-300, 1e-12, 0.25, 1.0, 2.0, 1e6, 1e300, float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_norm", [0.05, 1.0, 1e3])
+def test_the_coefficients_of_every_backend_round_as_the_torch_ops_do(backend, max_norm):
+    """Each backend's `clip_coefficients` (the Triton kernel's one launch, the C backend's host
+    arithmetic) against `clipping.torch_ops`, the arithmetic as the torch ops that
+    test_equals_clip_grad_norm_then_step checks against clip_grad_norm_: bit for bit, for norms
+    from 0 to float64's largest, inf and NaN, with and without a grad scale, found_inf and a count
+    of skipped steps."""
+    from snr_triton import backend as backends
+    from snr_triton import clipping
+
+    module = backends.get(backend)
+    on = dict(dtype=torch.float64, device=DEVICE)
+    for total in TOTALS:
+        for scale in (None, 65536.0, 0.5):
+            for found in (None, 0.0, 2.0):
+                for skipped in (None, 3.0):
+                    args = (torch.tensor(total, **on),
+                            torch.tensor(scale, dtype=torch.float32, device=DEVICE) if scale is not None else None,
+                            torch.tensor(found, dtype=torch.float32, device=DEVICE) if found is not None else None,
+                            torch.tensor(skipped, **on) if skipped is not None else None)
+                    got = module.clip_coefficients(*args, max_norm)
+                    want = clipping.torch_ops(*args, max_norm)
+                    where = f"total={total}, grad_scale={scale}, found_inf={found}, skipped={skipped}"
+                    for name, g, w in zip(("divide_by", "found_inf", "norm", "skipped"), got, want):
+                        assert g.dtype == w.dtype and g.shape == w.shape and g.device == w.device, (name, where)
+                        assert torch.equal(g.view(torch.int32 if g.dtype == torch.float32 else torch.int64),
+                                           w.view(torch.int32 if w.dtype == torch.float32 else torch.int64)), \
+                            (name, where, g, w)
+
+
+# ops that only allocate or view: no kernel on a GPU
+_HOST_ONLY = {"aten.empty.memory_format", "aten.new_empty.default", "aten.slice.Tensor", "aten.expand.default",
+              "aten.view.default", "aten.as_strided.default"}
+
+
+def test_a_clipped_step_on_the_triton_backend_adds_six_device_calls():
+    """max_grad_norm's fixed cost, which on a GPU is per launch: on top of the plain step's device
+    calls, the norm kernel, its partials' sum, the one coefficient kernel and the skip's three ops
+    (with torch ops the coefficient alone was some twenty launches: 28 in all). Counted as torch
+    ops that run kernels, plus Triton launches, for one bucket of four params; ops inside an
+    interpreted kernel are the interpreter's own. (The C backend launches nothing: its cost is
+    host time, in `snr-triton bench`'s host-overhead rows.)"""
+    if not TRITON:
+        pytest.skip("Triton is not installed here")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from snr_triton.backend import triton as triton_backend
+
+    inside = [0]
+    launches = [0]
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and str(func) not in _HOST_ONLY and not str(func).startswith("profiler."):
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def device_calls(**kw):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(1000, device=DEVICE)) for _ in range(4)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = SNRAdamW(params, backend="triton", **kw)
+        opt.step()
+        opt.step()  # the third step is counted: every cache and table is warm
+        Count.calls = launches[0] = 0
+        with Count():
+            opt.step()
+        return Count.calls + launches[0]
+
+    kernels = triton_backend.kernel_module()
+    patched = []
+    for cls in {type(k) for k in (kernels.snr_adamw_kernel, kernels.grad_sq_kernel, kernels.clip_coefficients_kernel)}:
+        patched.append((cls, cls.run))
+
+        def run(self, *args, _run=cls.run, **kwargs):
+            launches[0] += 1
+            inside[0] += 1
+            try:
+                return _run(self, *args, **kwargs)
+            finally:
+                inside[0] -= 1
+
+        cls.run = run
+    try:
+        plain, clipped = device_calls(), device_calls(max_grad_norm=1.0)
+    finally:
+        for cls, run in patched:
+            cls.run = run
+    assert plain >= 2 and clipped - plain == 6, (plain, clipped)  # the plain step: the counters' add_, the kernel

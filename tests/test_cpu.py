@@ -144,8 +144,8 @@ def test_cpu_kernel_refuses_what_it_cannot_do():
 def test_the_threaded_path_steps_every_chunk(threads):
     """Buckets of at least PARALLEL_MIN elements are split over threads. Issue 24: every test used a
     few thousand elements, so a wrong split (`nchunks / threads * i`: with 2 threads and 9 chunks
-    the last chunk never moves) passed. 2^18 + 2^15 elements make 9 chunks; a second tensor makes
-    chunks of two tensors; against the float64 reference."""
+    the last chunk never moves) passed. PARALLEL_MIN + CHUNK elements (2^19 + 2^15: 17 chunks); a
+    second tensor makes chunks of two tensors; against the float64 reference."""
     from snr_triton import reference
     from snr_triton.hyperparams import DEFAULTS
 
@@ -169,7 +169,9 @@ def test_the_threaded_path_steps_every_chunk(threads):
     finally:
         torch.set_num_threads(previous)
     for p, r, p0 in zip(params, refs, init):
-        assert (p.detach() != p0).all()  # every element moved: no chunk left out
+        moved = [(c != c0).double().mean() for c, c0 in zip(p.detach().split(cpu.CHUNK), p0.split(cpu.CHUNK))]
+        assert min(moved) > 0.99  # no chunk left out (an element the float32 update moves by less
+        # than half an ulp may stay: 1 of 98,309 here)
         torch.testing.assert_close(p.detach().double(), r, rtol=0, atol=1e-6)
 
 

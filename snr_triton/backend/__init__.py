@@ -1,6 +1,6 @@
 """The backends: one interface, one registry, one order for `auto`.
 
-Every backend module exposes the same three functions:
+Every backend module exposes the same four functions:
 
     unavailable_reason(device, dtype, hyper) -> str | None
         None when it can step params of this (real) dtype on this device with these settings,
@@ -13,12 +13,15 @@ Every backend module exposes the same three functions:
     grad_sq_sum(bucket, slots, params, grads) -> Tensor
         The sum of g^2 over the active grads (0-dim, float64, on the bucket's device): the norm
         pass of `max_grad_norm`, before any bucket steps. One read of each grad.
+    clip_coefficients(total, grad_scale, found_inf, skipped, max_norm) -> (divide_by, found_inf, norm, skipped)
+        From the norm pass's total to what the step divides g by, in as few device calls as it
+        can (snr_triton/clipping.py; `clipping.torch_ops` is the arithmetic).
 
 and may declare AUTO_DEVICE_TYPES, the device types `auto` may pick it for (default: all):
 Triton on a CPU runs interpreted, for tests, and is used only when named.
 
 `auto` takes the first backend of ORDER that is available. Adding a backend means adding a
-module with these three functions and its name to ORDER.
+module with these four functions and its name to ORDER.
 
 (The package is `backend`, not `backends`: torch.compile skips every file whose path contains
 "triton/backends", which snr_triton/backends/ would, and the step would break its graph.)

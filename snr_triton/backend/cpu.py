@@ -18,14 +18,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import codebook, fused_op
+from .. import clipping, codebook, fused_op
 from ..contract import CPU_DTYPES, CPU_STATE_DTYPES, GATE_IDS, c_defines
 from ..hyperparams import Hyper
 from ..param_states import BucketStates, Slot
 from . import Degraded, kernel_cache, kernel_file
 
 CHUNK = 1 << 15  # elements per work item: large enough to amortize, small enough to balance threads
-PARALLEL_MIN = 1 << 18  # below this many elements a step runs on the calling thread alone
+# Below these many elements a pass runs on the calling thread alone: a second thread paid for its
+# start from about 16 MB moved (2 cores of an AMD EPYC, 2026-12-04: a step moves 36 B per fp32
+# element, the norm pass reads 4).
+PARALLEL_MIN = 1 << 19
+NORM_PARALLEL_MIN = 1 << 22
 AUTO_DEVICE_TYPES = ("cpu",)
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-fno-math-errno",
           "-std=c11"]
@@ -179,7 +183,7 @@ def _launch_sq(bucket: BucketStates, table) -> Tensor:
     partials = torch.empty(table.num_blocks, dtype=torch.float64)
     load_library().snr_grad_sq(table.rows.data_ptr(), table.block_tensor.data_ptr(), table.num_blocks, CHUNK,
                                int(bucket.dtype == torch.bfloat16), partials.data_ptr(),
-                               torch.get_num_threads() if table.numel >= PARALLEL_MIN else 1)
+                               torch.get_num_threads() if table.numel >= NORM_PARALLEL_MIN else 1)
     return partials.sum()
 
 
@@ -189,3 +193,12 @@ grad_sq_op, grad_sq = fused_op.register_norm("cpu_grad_sq", _launch_sq, CHUNK)
 def grad_sq_sum(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: list[Tensor]) -> Tensor:
     """Sum of g^2 over the active grads (float64): one read of each grad, by the C kernel."""
     return fused_op.call_norm(grad_sq_op, grad_sq, bucket, slots, params, grads)
+
+
+clip_op, clip = clipping.register("cpu_clip_coefficients", clipping.host)
+
+
+def clip_coefficients(total: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None, skipped: Tensor | None,
+                      max_norm: float) -> clipping.Coefficients:
+    """max_grad_norm's coefficient on the host (snr_triton/clipping.py)."""
+    return clipping.call(clip_op, clip, total, grad_scale, found_inf, skipped, max_norm)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import codebook
+from ..clipping import torch_ops as clip_coefficients  # noqa: F401  (the backend interface)
 from ..hyperparams import Hyper
 from ..param_states import SIGNED, BucketStates, Slot
 

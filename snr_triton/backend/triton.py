@@ -16,7 +16,7 @@ import struct
 import torch
 from torch import Tensor
 
-from .. import codebook, fused_op
+from .. import clipping, codebook, fused_op
 from ..contract import TRITON_STATE_DTYPES, GATE_IDS, TRITON_DTYPES
 from ..hyperparams import Hyper
 from ..param_states import BucketStates, Slot
@@ -156,6 +156,25 @@ def _launch_sq(bucket: BucketStates, table) -> Tensor:
 grad_sq_op, grad_sq = fused_op.register_norm("triton_grad_sq", _launch_sq, BLOCK)
 
 
+def _launch_clip(total: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None, skipped: Tensor | None,
+                 max_norm: float) -> clipping.Coefficients:
+    out = [total.new_empty((), dtype=torch.float32) for _ in range(3)] + [total.new_empty((), dtype=torch.float64)]
+    kernel_module().clip_coefficients_kernel[(1,)](
+        total, grad_scale if grad_scale is not None else total, found_inf if found_inf is not None else total,
+        skipped if skipped is not None else total, *out, float(max_norm), HAS_SCALE=grad_scale is not None,
+        HAS_FOUND=found_inf is not None, HAS_SKIPPED=skipped is not None, num_warps=1)
+    return tuple(out)
+
+
+clip_op, clip = clipping.register("triton_clip_coefficients", _launch_clip)
+
+
 def grad_sq_sum(bucket: BucketStates, slots: list[Slot], params: list[Tensor], grads: list[Tensor]) -> Tensor:
     """Sum of g^2 over the active grads (float64, on the device): one read of each grad."""
     return fused_op.call_norm(grad_sq_op, grad_sq, bucket, slots, params, grads)
+
+
+def clip_coefficients(total: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None, skipped: Tensor | None,
+                      max_norm: float) -> clipping.Coefficients:
+    """max_grad_norm's coefficient in one launch (snr_triton/clipping.py)."""
+    return clipping.call(clip_op, clip, total, grad_scale, found_inf, skipped, max_norm)
