@@ -450,8 +450,8 @@ class SNRAdamW(Optimizer):
             grad_scale, found_inf = self._clip(plan, max_norm, grad_scale, found_inf)
         elif found_inf is not None:  # skipped steps, counted on the device
             skipped = self._last["skipped"]
-            found = (found_inf != 0).double()
-            self._last["skipped"] = found if skipped is None else skipped.to(found) + found
+            found = found_inf != 0  # added to the float64 count as 0 or 1: one op, not a cast and an add
+            self._last["skipped"] = found.double() if skipped is None else skipped.to(found.device) + found
         self._last["stats"], self._last["found_inf"] = [], found_inf
         for work in plan:
             real_params = work.real_params if work.real_params is not None else work.params

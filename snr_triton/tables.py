@@ -106,12 +106,17 @@ class BlockMap:
             self.rows.copy_(self._to_device(host))
         self.addresses = key
 
-    def count_step(self, steps: Tensor) -> None:
-        """step += 1 for the active slots: one device op, no host read."""
+    def count_step(self, steps: Tensor, found_inf: Tensor | None = None) -> None:
+        """step += 1 for the active slots, unless found_inf (on the steps' device) is non-zero: as in
+        torch's fused Adam a skipped step does not count (GradScaler's found_inf is a sum over
+        devices: any non-zero value is one skipped step). Device ops only (one or two), no host read."""
+        keep = 1 if found_inf is None else found_inf == 0
         if self.step_prefix is not None:
-            steps[:self.step_prefix].add_(1)
-        else:
+            steps[:self.step_prefix].add_(keep)
+        elif found_inf is None:
             steps.index_add_(0, self.step_index, torch.ones_like(self.step_index, dtype=steps.dtype))
+        else:
+            steps.index_add_(0, self.step_index, keep.to(steps.dtype).expand(self.step_index.numel()))
 
     def partial_sums(self, dtype: torch.dtype) -> Tensor:
         if self.partials is None or self.partials.dtype != dtype:

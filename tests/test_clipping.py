@@ -174,6 +174,26 @@ def test_found_inf_skips_a_clipping_step_whose_grads_are_finite(backend):
     assert not torch.equal(next(model.parameters()).detach(), before[0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_a_skipped_step_leaves_the_step_counts_of_a_gappy_active_set(backend, max_grad_norm):
+    """The step counters of active slots that are not the bucket's first ones (a param without a
+    grad between two with one) are added one by one, not as a prefix: a found_inf step leaves
+    them, a finite one adds 1, and the param without a grad keeps its count."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, device=DEVICE)) for _ in range(3)]
+    opt = SNRAdamW(params, backend=backend, max_grad_norm=max_grad_norm, **HP)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    params[1].grad = None
+    for found, counts in ((1.0, [1, 1, 1]), (0.0, [2, 1, 2]), (3.0, [2, 1, 2])):
+        for p in (params[0], params[2]):
+            p.grad = torch.randn_like(p)
+        opt.step(found_inf=torch.tensor(found, device=DEVICE))
+        assert [int(opt.state[p]["step"]) for p in params] == counts, found
+
+
 def test_last_grad_norm_says_what_it_needs():
     with pytest.raises(RuntimeError) as e:
         SNRAdamW([torch.nn.Parameter(torch.ones(3))]).last_grad_norm()
@@ -387,10 +407,11 @@ _HOST_ONLY = {"aten.empty.memory_format", "aten.new_empty.default", "aten.slice.
               "aten.view.default", "aten.as_strided.default"}
 
 
-def test_a_clipped_step_on_the_triton_backend_adds_six_device_calls():
+def test_a_clipped_step_on_the_triton_backend_adds_four_device_calls():
     """max_grad_norm's fixed cost, which on a GPU is per launch: on top of the plain step's device
-    calls, the norm kernel, its partials' sum, the one coefficient kernel and the skip's three ops
-    (with torch ops the coefficient alone was some twenty launches: 28 in all). Counted as torch
+    calls, the norm kernel, its partials' sum, the one coefficient kernel and the skip's test (the
+    step counters then add `found_inf == 0`). With torch ops the coefficient alone was some twenty
+    launches and the skip three more: 28 calls in all, against 6 now. Counted as torch
     ops that run kernels, plus Triton launches, for one bucket of four params; ops inside an
     interpreted kernel are the interpreter's own. (The C backend launches nothing: its cost is
     host time, in `snr-triton bench`'s host-overhead rows.)"""
@@ -443,4 +464,4 @@ def test_a_clipped_step_on_the_triton_backend_adds_six_device_calls():
     finally:
         for cls, run in patched:
             cls.run = run
-    assert plain >= 2 and clipped - plain == 6, (plain, clipped)  # the plain step: the counters' add_, the kernel
+    assert plain >= 2 and clipped - plain == 4, (plain, clipped)  # the plain step: the counters' add_, the kernel

@@ -103,7 +103,7 @@ def launch(job: fused_op.Launch) -> None:
     dev = steps.device
     grad_scale = job.grad_scale.to(dev, non_blocking=True) if job.grad_scale is not None else None
     found_inf = job.found_inf.to(dev, non_blocking=True) if job.found_inf is not None else None
-    table.count_step(steps)
+    table.count_step(steps, found_inf)  # the kernel reads the new step (a no-op step reads the old)
     partials = table.partial_sums(torch.float32) if job.track_stats else None
     if table.num_blocks:
         lb1, lb2, lrho = (_split_f32(_log(b)) for b in (job.beta1, job.beta2, job.rho))
@@ -126,9 +126,6 @@ def launch(job: fused_op.Launch) -> None:
             STOCHASTIC_ROUNDING=job.stochastic_rounding and job.bucket.dtype == torch.bfloat16,
             TRACK_STATS=job.track_stats, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
-    if found_inf is not None:  # as torch's fused Adam: the step does not count (GradScaler's found_inf
-        n = table.step_index.numel()  # is a sum over devices: any non-zero value is one skipped step)
-        steps.index_add_(0, table.step_index, (found_inf != 0).to(steps.dtype).expand(n), alpha=-1)
     if job.track_stats:  # the per-block partial sums, added per tensor on the device
         job.stats.zero_()
         if table.num_blocks:
