@@ -13,7 +13,7 @@ from snr_triton.hyperparams import DEFAULTS
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scale_and_found_inf_arguments(backend):
     w = torch.nn.Parameter(torch.randn(50, device=DEVICE))
-    opt = SNRAdamW([w], lr=1e-2, alpha=0.5, backend=backend)
+    opt = SNRAdamW([w], lr=1e-2, alpha=0.5, backend=backend, track_stats=True)
     ref = w.detach().clone().double()
     st = reference.new_state(ref)
     g = torch.randn(50, device=DEVICE)
@@ -31,6 +31,7 @@ def test_grad_scale_and_found_inf_arguments(backend):
         assert torch.equal(w.detach(), before_p)
         for key, value in before_state.items():
             assert torch.equal(opt.state[w][key], value), (found, key)
+    assert opt.stats()["skipped_steps"] == 2  # each counted once, whatever found_inf's value
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
