@@ -176,13 +176,20 @@ typedef struct {
     const int32_t *packed;
 } Codes;
 
-static inline void decode_block(const uint8_t *restrict codes, float scale, const float *restrict values,
-                                float *restrict out, int n) {
-    int32_t idx[CODE_BLOCK]; /* widened first: with int32 indices gcc gathers, with bytes it loads one by one */
-    _Pragma("omp simd")
-    for (int i = 0; i < n; i++) idx[i] = codes[i];
-    _Pragma("omp simd")
-    for (int i = 0; i < n; i++) out[i] = values[idx[i]] * scale;
+/* Scalar loads, eight codes from one 64-bit load: on a Zen 3 core (2026-12-04) 0.18 ns per element
+ * against 0.36-0.45 for an 8-lane AVX2 gather of the same table, so vectorizing is turned off here. */
+__attribute__((optimize("no-tree-vectorize")))
+static void decode_block(const uint8_t *restrict codes, float scale, const float *restrict values,
+                         float *restrict out, int n) {
+    int i = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ /* code i + j is byte j of w */
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, codes + i, 8);
+        for (int j = 0; j < 8; j++) out[i + j] = values[(w >> (8 * j)) & 255] * scale;
+    }
+#endif
+    for (; i < n; i++) out[i] = values[codes[i]] * scale;
 }
 
 /* scale = max |x| over the block; codes of x / scale (x / 1 = 0 everywhere when the scale is 0): the
