@@ -25,7 +25,8 @@ def torch_ops(total: Tensor, grad_scale: Tensor | None, found_inf: Tensor | None
               max_norm: float) -> Coefficients:
     """(g's divisor g / divide_by = g * k / grad_scale, found_inf + [N not finite], N, skipped + [found_inf
     != 0]) from total = the sum of g^2 (float64, on the device of the step)."""
-    scale = grad_scale.to(total.device, torch.float64, non_blocking=True) if grad_scale is not None else None
+    # a float32 scale is promoted to float64 (exactly) by each op with the float64 norm: no cast
+    scale = grad_scale.to(total.device, non_blocking=True) if grad_scale is not None else None
     norm = total.sqrt() if scale is None else total.sqrt() / scale
     k = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch: reciprocal(N + 1e-6) * c
     bad = (~torch.isfinite(norm)).float()
