@@ -335,9 +335,26 @@ def test_a_compiled_step_with_clipping_equals_eager_and_skips_on_device(backend,
                     for key, value in st.items():
                         assert torch.equal(opts[0].state[p][key], value), key
                 assert opts[0].stats()["skipped_steps"] == 1 and math.isnan(opts[0].stats()["mean_gate"])
+        # GradScaler's arguments reach the compiled coefficient: grads 4x with grad_scale 4 step as
+        # the twin's unscaled ones; a found_inf of 1 with finite grads skips and is counted
+        for k, found in ((4, 0.0), (5, 1.0)):
+            backward(model, k)
+            backward(twin, k)
+            for p in model.parameters():
+                p.grad.mul_(4.0)
+            before = [p.detach().clone() for p in model.parameters()]
+            compiled(grad_scale=torch.tensor(4.0, device=DEVICE), found_inf=torch.tensor(found, device=DEVICE))
+            # N of the skipped step too: the norm of g / grad_scale, the twin's unscaled grads
+            truth = torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()])
+            torch.testing.assert_close(opts[0].last_grad_norm(), truth, rtol=1e-6, atol=0)
+            if found:
+                assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+            else:
+                opts[1].step()
+                torch.testing.assert_close(opts[0].last_grad_norm(), opts[1].last_grad_norm(), rtol=1e-6, atol=0)
+        assert opts[0].stats()["skipped_steps"] == 2
         for a, b in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(opts[0].last_grad_norm(), opts[1].last_grad_norm(), rtol=1e-6, atol=0)
     finally:
         torch._dynamo.reset()
 
