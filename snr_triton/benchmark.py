@@ -171,6 +171,9 @@ def _implementations(device: torch.device, dtype: torch.dtype, numel: int = 0) -
         impls[f"SNRAdamW {fused} bf16 state"] = lambda ps: SNRAdamW(ps, backend=fused,
                                                                     state_dtype=torch.bfloat16)
         impls[f"SNRAdamW {fused} max_grad_norm"] = lambda ps: SNRAdamW(ps, backend=fused, max_grad_norm=1.0)
+        if dtype == torch.bfloat16:  # AdamW's states follow bf16 params: these move its 20 B per element
+            impls[f"SNRAdamW {fused} bf16 state max_grad_norm"] = lambda ps: SNRAdamW(
+                ps, backend=fused, state_dtype=torch.bfloat16, max_grad_norm=1.0)
     probe_8bit = SNRAdamW([probe], state_dtype=torch.uint8).backend_of(probe)
     if probe_8bit != "eager" or numel <= EAGER_MAX:
         impls[f"SNRAdamW {probe_8bit} 8-bit state"] = lambda ps: SNRAdamW(ps, backend=probe_8bit,

@@ -73,10 +73,13 @@ NARROW = [(b, d) for b in BACKENDS for d in ("bf16", "fp16") if d in dtypes_serv
 
 
 @pytest.mark.parametrize("backend,dtype", NARROW)
-def test_narrow_params(backend, dtype):
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32_states", "bf16_states"])
+def test_narrow_params(backend, dtype, state_dtype):
+    """bf16 / fp16 params, fp32 states and bf16 ones (AdamW's for bf16 params: the bench's
+    like-for-like row)."""
     model, twin = models(DTYPES[dtype])
-    ours = SNRAdamW(model.parameters(), backend=backend, max_grad_norm=0.05, **HP)
-    theirs = SNRAdamW(twin.parameters(), backend=backend, **HP)
+    ours = SNRAdamW(model.parameters(), backend=backend, max_grad_norm=0.05, state_dtype=state_dtype, **HP)
+    theirs = SNRAdamW(twin.parameters(), backend=backend, state_dtype=state_dtype, **HP)
     for k in range(3):
         for m in (model, twin):
             backward(m, k)
@@ -85,6 +88,9 @@ def test_narrow_params(backend, dtype):
         theirs.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         close(a, b, DTYPES[dtype])
+        for key in ("exp_avg", "exp_avg_sq", "exp_grad_var"):
+            assert ours.state[a][key].dtype == state_dtype
+            close(ours.state[a][key], theirs.state[b][key], DTYPES[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
