@@ -106,8 +106,11 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         const float g = LOADP(grad[i]) * sign;                                                     \
         float m = LOADS(m_buf[i]);                                                                 \
         const float diff = g - m;                                                                  \
-        /* finite for finite g; rho = 0 forgets s (0 * inf would be NaN) */                       \
-        const float s = (rho != 0.0f ? rho * LOADS(s_buf[i]) : 0.0f) + (omrho * diff) * diff;       \
+        /* finite for finite g; rho = 0 forgets s (0 * inf would be NaN) by a select of the old s, \
+         * not of rho * s: a multiply under a condition may trap, so gcc keeps it a branch where   \
+         * it has no masked multiply (AVX2), and the whole loop stayed scalar, 5-10x slower */    \
+        const float s_kept = rho != 0.0f ? LOADS(s_buf[i]) : 0.0f;                                 \
+        const float s = rho * s_kept + (omrho * diff) * diff;                                      \
         /* torch's lerp(m, g, w = 1 - beta1), both branches: from g when w >= 0.5, so beta1 = 0   \
          * gives m = g exactly (m + w * (g - m) cancels to 0 where |m| >> |g|) */                \
         m = (lerp_low ? m : g) + lerp_w * diff; /* g - (1 - w) * diff: the same rounding */      \
@@ -134,8 +137,11 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         const float num = GATE == GATE_SNR ? x : d;                                                \
         const float den0 = GATE == GATE_SNR ? x + lam_alpha_y * ys + tail : d + lam_y * ys + tail; \
         const float dd0 = den0 * denom, dd = dd0 > FLT_MIN ? dd0 : FLT_MIN; /* 0 only where num is */ \
-        const float update = GATE == GATE_NONE ? m / denom                                         \
-                           : GATE == GATE_HARD ? (above ? m / denom : 0.0f)                        \
+        /* the hard gate's select as a mask of the bits: `above ? m / denom : 0` lets gcc move the \
+         * division under the condition, a branch where it has no masked division (AVX2) */     \
+        const float adam = m / denom;                                                              \
+        const float update = GATE == GATE_NONE ? adam                                              \
+                           : GATE == GATE_HARD ? bits_float(float_bits(adam) & -above)             \
                            : m * (num / dd);                                                        \
         const float p = LOADP(param[i]) * decay - step_size * update;                              \
         param[i] = STOREP(p);                                                                      \
@@ -144,9 +150,9 @@ static inline __attribute__((always_inline)) void NAME##_loop(                  
         s_buf[i] = STORES(s);                                                                      \
         if (STATS) {                                                                               \
             const float mhat = m * inv_bc1, signal = mhat * mhat;                                  \
-            const float q = GATE == GATE_NONE ? 1.0f : GATE == GATE_HARD ? (above ? 1.0f : 0.0f)   \
+            const float q = GATE == GATE_NONE ? 1.0f : GATE == GATE_HARD ? (float)above            \
                           : num / (den0 > FLT_MIN ? den0 : FLT_MIN);                               \
-            sum_q += q; sum_above += above ? 1.0 : 0.0;                                            \
+            sum_q += q; sum_above += (double)above;                                                \
             sum_signal += signal; sum_noise += alpha * (FIRST ? signal : s * inv_bc3);             \
         }                                                                                          \
     }                                                                                              \
