@@ -346,7 +346,7 @@ class SNRAdamW(Optimizer):
             record = group_slots[gi] if gi < len(group_slots) else None
             slots = record[1] if record is not None and record[0] is group and len(record[1]) == len(params) \
                 and record[2] is hyper.state_dtype else None  # slots made for this group and state dtype
-            work, bucket = None, None
+            work, handle = None, None
             for i, p in enumerate(params):
                 g = p.grad
                 if g is None:
@@ -354,11 +354,11 @@ class SNRAdamW(Optimizer):
                 slot = slots[i] if slots is not None else None
                 entry = (self.state.get(p) if check_entries else slot.entry) if slot is not None else None
                 if slot is not None and slot.param is p and slot.fits(p, g, entry):
-                    if slot.bucket is not bucket:
-                        bucket = slot.bucket
-                        work = works.get(bucket.handle)
+                    if slot.handle != handle:  # its bucket's (slot.bucket, a weak reference, costs a call)
+                        handle = slot.handle
+                        work = works.get(handle)
                         if work is None:
-                            work = works[bucket.handle] = Work(gi, hyper, bucket, [], [], None, [])
+                            work = works[handle] = Work(gi, hyper, slot.bucket, [], [], None, [])
                     if slot.plain:
                         work.slots.append(slot)
                         work.params.append(p)

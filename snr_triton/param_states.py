@@ -207,12 +207,13 @@ class StateEntry(_NotesWrites, dict):
     dicts; pickled on its own (`torch.save(opt.state[p])`) it is an OrderedDict, which
     `torch.load(weights_only=True)` reads."""
 
-    __slots__ = ("owner",)
+    __slots__ = ("owner",)  # a weak reference to its slot: the slot holds the entry (no cycle)
 
     def _edited(self) -> None:
         owner = getattr(self, "owner", None)
-        if owner is not None:
-            owner.edited = True
+        slot = owner() if owner is not None else None
+        if slot is not None:
+            slot.edited = True
 
     def __reduce__(self):
         return OrderedDict, (), None, None, iter(self.items())
@@ -242,12 +243,15 @@ class Slot:
     bucket's step counters; `entry` is the dict in optimizer.state[p]: a step goes ahead only while the entry
     is unedited and the param's layout is the one recorded."""
 
-    __slots__ = ("param", "bucket", "index", "dtype", "device", "device_index", "shape", "stride", "plain",
+    # Its bucket and its entry refer back to it weakly: with no reference cycle, a deleted
+    # optimizer frees its states at once (as torch's do), not at the next cyclic collection.
+    __slots__ = ("param", "_bucket", "handle", "index", "dtype", "device", "device_index", "shape", "stride", "plain",
                  "placements", "real_shape", "real_stride", "dense", "contiguous", "numel", "real", "scales", "held",
-                 "layout", "entry", "step", "seed", "stand_in", "edited", "dtensor_class")
+                 "layout", "entry", "step", "seed", "stand_in", "edited", "dtensor_class", "__weakref__")
 
     def __init__(self, param: Tensor, bucket: "BucketStates", index: int, seed: int):
-        self.param, self.bucket, self.index, self.seed = param, bucket, index, seed
+        self.param, self._bucket, self.index, self.seed = param, weakref.ref(bucket), index, seed
+        self.handle = bucket.handle
         self.dtype, self.device, self.shape, self.stride = param.dtype, param.device, param.shape, param.stride()
         self.device_index = param.get_device()
         self.plain = not param.is_complex() and not is_dtensor(param)
@@ -282,6 +286,10 @@ class Slot:
         self.entry: StateEntry = StateEntry()
         self.step: Tensor | None = None
 
+    @property
+    def bucket(self) -> "BucketStates":
+        return self._bucket()
+
     def show(self, entry: Any = None) -> StateEntry:
         """Fill `entry` (refilled in place when it is a StateEntry, so a user's reference to it
         sees the new tensors; else a new one) with this slot's tensors as the user sees them."""
@@ -296,7 +304,7 @@ class Slot:
             else:
                 dict.__setitem__(entry, key + CODES, like_param(t, self.param))
                 dict.__setitem__(entry, key + SCALES, like_scales(self.held[i], self.param, self.layout))
-        entry.owner = self
+        entry.owner = weakref.ref(self)
         self.entry = entry
         self.step = entry["step"]
         self.edited = False
