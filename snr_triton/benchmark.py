@@ -384,9 +384,12 @@ def run(devices: list[str], sizes: list[int] | None, steps: int, dtypes: list[st
             except torch.OutOfMemoryError as error:  # the largest cells hold every implementation at once
                 print(f"| {format_size(numel)} | {dt} | out of memory: {str(error).splitlines()[0]} |", flush=True)
                 continue
-            finally:  # the cell's tensors freed before the next allocates: those a failed cell's traceback
-                gc.collect()  # holds, and any an optimizer keeps in a reference cycle (a 2-dtype 128M run on
-                if cuda:  # a 24 GB CPU machine was killed for memory in its second cell)
+            finally:
+                # the cell's tensors freed before the next cell allocates: those a failed cell's
+                # traceback holds, and any an optimizer keeps in reference cycles (a 2-dtype 128M
+                # run on a 24 GB CPU machine was once killed for memory in its second cell)
+                gc.collect()
+                if cuda:
                     torch.cuda.empty_cache()
             lines = []
             for r in rows:
