@@ -1,8 +1,10 @@
 """torch.optim contracts: groups, checkpoints, schedulers, closures, hooks, layouts, dtypes."""
 
 import copy
+import gc
 import io
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -374,11 +376,8 @@ def test_a_deleted_optimizer_frees_its_states_at_once_as_adamw_does(backend, sta
     """With the cyclic collector off, `del opt` must free every state tensor, as it does for
     torch.optim.AdamW: a reference cycle (a param's slot and its bucket, a slot and its
     opt.state entry) kept an optimizer's states, gigabytes on a GPU, until the next collection,
-    which counts Python objects, not bytes (a loop that makes one optimizer per trial ran out
-    of memory in snr-triton bench)."""
-    import gc
-    import weakref
-
+    which counts Python objects, not bytes (a two-dtype `snr-triton bench` run at 128M params
+    ran out of memory in its second cell, the first cell's optimizers still held)."""
     def train(opt, params):
         for step in range(3):
             opt.zero_grad()  # fresh grad objects every step
