@@ -301,9 +301,7 @@ class SNRAdamW(Optimizer):
                     r.old.bucket.release(r.old)
             self._place(r.group_index, r.param_index, slot)
             made.append(slot)
-        for key, bucket in list(self._buckets.items()):  # buckets that own no state any more
-            if not bucket.live():
-                del self._buckets[key]
+        self._drop_dead_buckets()
         return made
 
     def _place(self, gi: int, i: int, slot: Slot) -> None:
@@ -333,12 +331,16 @@ class SNRAdamW(Optimizer):
         self._run(self._plan(), grad_scale, found_inf)
         return loss
 
-    def _sort(self, check_entries: bool) -> tuple[dict[int, Work], list[tuple]]:
+    def _sort(self, check_entries: bool) -> tuple[dict[int, Work], list[tuple], list[Slot]]:
         """The active params of every group sorted into buckets by their slots; those whose slot
         does not fit (or that have none) listed as (group index, index, param, grad, group's Hyper),
-        to be checked in full. Changes nothing."""
+        to be checked in full. With check_entries, also the slots of params without a grad whose
+        entry in opt.state was deleted or replaced: this pass is the only one that sees it (the
+        next steps trust the entries again), so the param must not step with them when it comes
+        back. Changes nothing."""
         works: dict[int, Work] = {}
         misfits: list[tuple] = []
+        stale: list[Slot] = []
         group_slots = self._group_slots
         for gi, group in enumerate(self.param_groups):
             hyper = self._hyper(group, f" (param group {gi})", read_tensors=False)
@@ -350,6 +352,10 @@ class SNRAdamW(Optimizer):
             for i, p in enumerate(params):
                 g = p.grad
                 if g is None:
+                    if check_entries:
+                        slot = self._slots.get(p)
+                        if slot is not None and slot.param is p and self.state.get(p) is not slot.entry:
+                            stale.append(slot)
                     continue
                 slot = slots[i] if slots is not None else None
                 entry = (self.state.get(p) if check_entries else slot.entry) if slot is not None else None
@@ -370,7 +376,7 @@ class SNRAdamW(Optimizer):
                                                                   f" (param {i} of param group {gi})"))
                 else:
                     misfits.append((gi, i, p, g, hyper))
-        return works, misfits
+        return works, misfits, stale
 
     def _plan(self) -> list[Work]:
         """Validate every group, check every active param against its slot, choose every bucket's
@@ -378,7 +384,7 @@ class SNRAdamW(Optimizer):
         or re-laid out, a state replaced or deleted, a param new to a bucket or moved to another
         device, dtype, group or state dtype) fails the cheap check (`Slot.fits`) and is checked in
         full here, then adopted, or refused with an error naming the param."""
-        works, misfits = self._sort(check_entries=False)
+        works, misfits, _ = self._sort(check_entries=False)
         # Which entry of opt.state is whose is checked again only after opt.state was written, and
         # only now: torch.compile's guards name each tensor by the first place the step reaches it,
         # and a param reached first as a key of self.state would have its grad guarded by identity
@@ -387,7 +393,9 @@ class SNRAdamW(Optimizer):
         if not isinstance(state, TrackedState) or state.edited:
             if not isinstance(state, TrackedState):  # replaced by hand (opt.state = {...})
                 state = self.state = TrackedState(state)
-            works, misfits = self._sort(check_entries=True)
+            works, misfits, stale = self._sort(check_entries=True)
+            if stale:
+                self._forget(stale)
         if misfits:
             places = self._places()
             repairs = [self._check_repair(*m, places) for m in misfits]  # all checked before any is made
@@ -405,6 +413,25 @@ class SNRAdamW(Optimizer):
             where = f" (param group {work.group_index})"
             _, work.backend = self._choose(group["backend"], work.bucket.device, work.bucket.dtype, work.hyper, where)
         return plan
+
+    def _forget(self, stale: list[Slot]) -> None:
+        """Drop the slots of params whose entries in opt.state are no longer their slots': when such
+        a param steps again it starts from what opt.state then holds (nothing: fresh zeros), as
+        AdamW's does, and a deleted entry's states are freed now, not when the param next steps."""
+        for slot in stale:
+            self._slots.pop(slot.param, None)
+            bucket = slot.bucket
+            if bucket is not None:
+                bucket.release(slot)
+        gone = {id(slot) for slot in stale}
+        for record in self._group_slots:
+            record[1] = [None if id(s) in gone else s for s in record[1]]
+        self._drop_dead_buckets()
+
+    def _drop_dead_buckets(self) -> None:
+        for key, bucket in list(self._buckets.items()):  # buckets that own no state any more
+            if not bucket.live():
+                del self._buckets[key]
 
     def _places(self) -> dict[int, list[tuple[int, int]]]:
         """Where each param stands: id -> [(group index, index)], one pass over every group."""

@@ -7,7 +7,10 @@ or is refused with an error naming the param, with nothing changed.
 """
 
 import copy
+import gc
 import io
+import weakref
+from collections import defaultdict
 
 import pytest
 import torch
@@ -34,11 +37,15 @@ def give(params, grads):
         p.grad = None if g is None else g.clone()  # a fresh grad object, as zero_grad() + backward
 
 
-def step_both(ours, opt, theirs, ref, grads):
-    """One step of each optimizer with the same fresh grads."""
+def step_both(ours, opt, theirs, ref, grads, max_grad_norm=None):
+    """One step of each optimizer with the same fresh grads; with max_grad_norm, AdamW's grads are
+    clipped first by torch, over the params it steps (ours clips inside its step)."""
     give(ours, grads)
     give(theirs, grads)
     opt.step()
+    if max_grad_norm is not None:
+        stepped = [q for group in ref.param_groups for q in group["params"] if q.grad is not None]
+        torch.nn.utils.clip_grad_norm_(stepped, max_grad_norm)
     ref.step()
 
 
@@ -177,6 +184,58 @@ def test_states_reset_by_hand_start_afresh(backend, how):
                     o.state.clear()
         step_both(ours, opt, theirs, ref, gs)
     assert_like_adamw(ours, opt, theirs, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["del", "empty", "replaced", "clear", "state_replaced"])
+def test_the_state_of_a_param_without_a_grad_reset_by_hand_counts_when_it_steps_again(backend, how):
+    """A frozen layer's states deleted or replaced while it has no grad, then steps of the others,
+    then it trains again: AdamW starts it afresh (or from the states put there). The step after
+    the edit saw the change but skipped the param, and later steps trusted the entries again: the
+    param stepped on with its old states, invisible in opt.state, or, if its slot had not been
+    kept, not at all."""
+    (ours, opt), (theirs, ref) = pair([(8,), (5,)], backend)
+    gen = torch.Generator().manual_seed(0)
+    given = (torch.rand(5, generator=gen) * 0.1).to(DEVICE), torch.randn(5, generator=gen).to(DEVICE)
+    for k in range(7):
+        gs = [torch.randn(8, generator=gen).to(DEVICE), torch.randn(5, generator=gen).to(DEVICE)]
+        if k in (2, 3, 4):  # frozen for three steps
+            gs[1] = None
+        if k == 2:
+            for o, params in ((opt, ours), (ref, theirs)):
+                if how == "del":
+                    del o.state[params[1]]
+                elif how == "empty":
+                    o.state[params[1]] = {}
+                elif how == "replaced":  # an AdamW state made by hand: resumed from, as AdamW does
+                    o.state[params[1]] = {"step": torch.tensor(4.0), "exp_avg_sq": given[0].clone(),
+                                          "exp_avg": given[1].clone()}
+                elif how == "clear":
+                    o.state.clear()
+                else:
+                    o.state = defaultdict(dict)
+        step_both(ours, opt, theirs, ref, gs)
+        assert_like_adamw(ours, opt, theirs, ref)
+    assert opt.state[ours[1]]["step"].item() == ref.state[theirs[1]]["step"].item() == (6 if how == "replaced" else 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_deleted_state_of_a_param_without_a_grad_is_freed_by_the_next_step(backend):
+    """AdamW frees it at once; the slot that held it here let go only when the param stepped again."""
+    p, frozen = (torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (10, 12))
+    opt = SNRAdamW([p, frozen], backend=backend)
+    p.grad, frozen.grad = torch.randn(10, device=DEVICE), torch.randn(12, device=DEVICE)
+    opt.step()
+    old = [weakref.ref(t) for t in opt.state[frozen].values()]
+    frozen.grad = None
+    del opt.state[frozen]
+    gc.disable()  # freed by reference counts, not by a later collection
+    try:
+        opt.step()
+        assert all(ref() is None for ref in old)
+    finally:
+        gc.enable()
+    assert frozen not in opt.state
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -533,11 +592,14 @@ ACTIONS = st.sampled_from(["step", "resize", "new_data", "replace_state", "delet
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["unclipped", "clipped"])  # grads' norm: about 4
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(actions=st.lists(ACTIONS, min_size=3, max_size=9), seed=st.integers(0, 2**16))
-def test_whatever_users_do_between_steps_steps_like_adamw(backend, actions, seed):
+def test_whatever_users_do_between_steps_steps_like_adamw(backend, max_grad_norm, actions, seed):
+    """With max_grad_norm, like torch's clip_grad_norm_ then AdamW: the norm is over exactly the
+    grads the step uses, whichever params lost their grads, joined late or were resized."""
     gen = torch.Generator().manual_seed(seed)
-    (ours, opt), (theirs, ref) = pair([(5,), (3, 4), (6,)], backend, seed=seed)
+    (ours, opt), (theirs, ref) = pair([(5,), (3, 4), (6,)], backend, seed=seed, max_grad_norm=max_grad_norm)
     extra = 0
     for k, action in enumerate(actions + ["step"]):
         target = k % len(ours)
@@ -571,7 +633,7 @@ def test_whatever_users_do_between_steps_steps_like_adamw(backend, actions, seed
             ref.add_param_group({"params": [theirs[-1]], "lr": 5e-3})
         grads = [None if (action == "no_grad" and i == target) or not p.requires_grad
                  else torch.randn(p.shape, generator=gen).to(DEVICE) for i, p in enumerate(ours)]
-        step_both(ours, opt, theirs, ref, grads)
+        step_both(ours, opt, theirs, ref, grads, max_grad_norm)
         assert_like_adamw(ours, opt, theirs, ref)
 
 
