@@ -192,8 +192,7 @@ def test_the_state_of_a_param_without_a_grad_reset_by_hand_counts_when_it_steps_
     """A frozen layer's states deleted or replaced while it has no grad, then steps of the others,
     then it trains again: AdamW starts it afresh (or from the states put there). The step after
     the edit saw the change but skipped the param, and later steps trusted the entries again: the
-    param stepped on with its old states, invisible in opt.state, or, if its slot had not been
-    kept, not at all."""
+    param stepped on with its old states, which neither opt.state nor state_dict() showed."""
     (ours, opt), (theirs, ref) = pair([(8,), (5,)], backend)
     gen = torch.Generator().manual_seed(0)
     given = (torch.rand(5, generator=gen) * 0.1).to(DEVICE), torch.randn(5, generator=gen).to(DEVICE)
