@@ -11,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import DEVICE
 from snr_triton import SNRAdamW, codebook, reference
@@ -642,3 +644,82 @@ def test_exp_grad_var_deleted_by_hand_is_derived_from_the_codes_of_m_and_v(backe
         assert (ours[key] - truth[key]).abs().max().item() <= scale / 32, key
     assert (p.detach() - q.detach()).abs().max().item() <= 1e-2 * hp["lr"]
     assert (p.detach() - init.to(DEVICE)).abs().max().item() > 10 * hp["lr"] * 1e-2
+
+
+ACTIONS_8BIT = ["step", "delete_state", "no_grad", "reload", "resize", "grads_in_place", "freeze", "clear_state",
+                "new_data", "lr_change"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(actions=st.lists(st.tuples(st.sampled_from(ACTIONS_8BIT), st.integers(0, 1)), min_size=2, max_size=10),
+       seed=st.integers(0, 2**16),
+       gate=st.sampled_from(["snr", "soft", "none"]))
+def test_what_users_do_between_steps_with_8bit_states_agrees_across_backends_and_with_the_reference(
+        actions, seed, gate):
+    """States deleted or cleared, params frozen, resized or given new data, grads written in place, a
+    checkpoint round trip, the lr halved, between steps: every backend steps alike (to float32
+    rounding) and within a fraction of one step's lr of the float64 reference, which starts a param
+    afresh wherever its state was dropped. A param stepping on with states it no longer shows is
+    off by about lr."""
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(n, generator=gen) for n in (300, 7)]
+    hp = {**HP, "gate": gate}
+    runs = {}
+    for b in BACKENDS_8BIT:
+        ps = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in init]
+        runs[b] = ps, SNRAdamW(ps, backend=b, state_dtype=torch.uint8, **hp)
+    refs = [t.double() for t in init]
+    states = [reference.new_state(t) for t in refs]
+    lr, frozen, in_place = hp["lr"], [False, False], False
+    for action, t in actions + [("step", 0)]:
+        if action == "delete_state":
+            for ps, opt in runs.values():
+                opt.state.pop(ps[t], None)
+            states[t] = reference.new_state(refs[t])
+        elif action == "clear_state":
+            for _, opt in runs.values():
+                opt.state.clear()
+            states = [reference.new_state(r) for r in refs]
+        elif action == "reload":
+            for _, opt in runs.values():
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                buffer.seek(0)
+                opt.load_state_dict(torch.load(buffer, weights_only=True))
+        elif action in ("resize", "new_data"):
+            fresh = torch.randn(int(torch.randint(1, 40, (1,), generator=gen)) if action == "resize" else
+                                refs[t].numel(), generator=gen)
+            for ps, opt in runs.values():
+                ps[t].data = fresh.clone().to(DEVICE)
+                if action == "resize":  # AdamW cannot go on without a fresh state either
+                    opt.state.pop(ps[t], None)
+                    ps[t].grad = None
+            refs[t] = fresh.double()
+            if action == "resize":
+                states[t] = reference.new_state(refs[t])
+        elif action == "freeze":
+            frozen[t] = not frozen[t]
+        elif action == "grads_in_place":
+            in_place = not in_place
+        elif action == "lr_change":
+            for _, opt in runs.values():
+                opt.param_groups[0]["lr"] *= 0.5
+            lr *= 0.5
+        grads = [None if frozen[i] or (action == "no_grad" and i == t) else torch.randn(refs[i].shape, generator=gen)
+                 for i in range(2)]
+        for ps, opt in runs.values():
+            for p, g in zip(ps, grads):
+                if g is not None and in_place and p.grad is not None and p.grad.shape == g.shape:
+                    p.grad.copy_(g)
+                else:
+                    p.grad = None if g is None else g.clone().to(DEVICE)
+            opt.step()
+        for i, g in enumerate(grads):
+            if g is not None:
+                reference.reference_step(refs[i], g.double(), states[i], **{**hp, "lr": lr}, state_dtype=torch.uint8)
+        first = runs[BACKENDS_8BIT[0]][0]
+        for b, (ps, _) in runs.items():
+            for i in range(2):
+                ours = ps[i].detach().cpu().double()
+                assert (ours - first[i].detach().cpu().double()).abs().max() <= 1e-6, (b, i, action)
+                assert (ours - refs[i]).abs().max() <= 0.3 * hp["lr"], (b, i, action)
