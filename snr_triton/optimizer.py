@@ -416,8 +416,8 @@ class SNRAdamW(Optimizer):
 
     def _forget(self, stale: list[Slot]) -> None:
         """Drop the slots of params whose entries in opt.state are no longer their slots': when such
-        a param steps again it starts from what opt.state then holds (nothing: fresh zeros), as
-        AdamW's does, and a deleted entry's states are freed now, not when the param next steps."""
+        a param steps again it starts from what opt.state then holds (nothing: fresh zeros), as with
+        AdamW, and a deleted entry's states are freed now, not when the param next steps."""
         for slot in stale:
             self._slots.pop(slot.param, None)
             bucket = slot.bucket
