@@ -331,16 +331,12 @@ class SNRAdamW(Optimizer):
         self._run(self._plan(), grad_scale, found_inf)
         return loss
 
-    def _sort(self, check_entries: bool) -> tuple[dict[int, Work], list[tuple], list[Slot]]:
+    def _sort(self, check_entries: bool) -> tuple[dict[int, Work], list[tuple]]:
         """The active params of every group sorted into buckets by their slots; those whose slot
         does not fit (or that have none) listed as (group index, index, param, grad, group's Hyper),
-        to be checked in full. With check_entries, also the slots of params without a grad whose
-        entry in opt.state was deleted or replaced: this pass is the only one that sees it (the
-        next steps trust the entries again), so the param must not step with them when it comes
-        back. Changes nothing."""
+        to be checked in full. Changes nothing."""
         works: dict[int, Work] = {}
         misfits: list[tuple] = []
-        stale: list[Slot] = []
         group_slots = self._group_slots
         for gi, group in enumerate(self.param_groups):
             hyper = self._hyper(group, f" (param group {gi})", read_tensors=False)
@@ -352,10 +348,6 @@ class SNRAdamW(Optimizer):
             for i, p in enumerate(params):
                 g = p.grad
                 if g is None:
-                    if check_entries:
-                        slot = self._slots.get(p)
-                        if slot is not None and slot.param is p and self.state.get(p) is not slot.entry:
-                            stale.append(slot)
                     continue
                 slot = slots[i] if slots is not None else None
                 entry = (self.state.get(p) if check_entries else slot.entry) if slot is not None else None
@@ -376,7 +368,7 @@ class SNRAdamW(Optimizer):
                                                                   f" (param {i} of param group {gi})"))
                 else:
                     misfits.append((gi, i, p, g, hyper))
-        return works, misfits, stale
+        return works, misfits
 
     def _plan(self) -> list[Work]:
         """Validate every group, check every active param against its slot, choose every bucket's
@@ -384,7 +376,7 @@ class SNRAdamW(Optimizer):
         or re-laid out, a state replaced or deleted, a param new to a bucket or moved to another
         device, dtype, group or state dtype) fails the cheap check (`Slot.fits`) and is checked in
         full here, then adopted, or refused with an error naming the param."""
-        works, misfits, _ = self._sort(check_entries=False)
+        works, misfits = self._sort(check_entries=False)
         # Which entry of opt.state is whose is checked again only after opt.state was written, and
         # only now: torch.compile's guards name each tensor by the first place the step reaches it,
         # and a param reached first as a key of self.state would have its grad guarded by identity
@@ -393,9 +385,14 @@ class SNRAdamW(Optimizer):
         if not isinstance(state, TrackedState) or state.edited:
             if not isinstance(state, TrackedState):  # replaced by hand (opt.state = {...})
                 state = self.state = TrackedState(state)
-            works, misfits, stale = self._sort(check_entries=True)
+            # Slots whose entry in opt.state was deleted or replaced, of every param, with a grad or
+            # not, in a group or not: this pass is the only one that sees the edit (later steps
+            # trust the entries again), so a param without a grad now must not step on with the
+            # old states when it trains again, and deleted states are freed now, as AdamW's are.
+            stale = [slot for p, slot in self._slots.items() if state.get(p) is not slot.entry]
             if stale:
                 self._forget(stale)
+            works, misfits = self._sort(check_entries=True)
         if misfits:
             places = self._places()
             repairs = [self._check_repair(*m, places) for m in misfits]  # all checked before any is made
@@ -415,9 +412,8 @@ class SNRAdamW(Optimizer):
         return plan
 
     def _forget(self, stale: list[Slot]) -> None:
-        """Drop the slots of params whose entries in opt.state are no longer their slots': when such
-        a param steps again it starts from what opt.state then holds (nothing: fresh zeros), as with
-        AdamW, and a deleted entry's states are freed now, not when the param next steps."""
+        """Drop slots whose entries in opt.state are no longer theirs: a param of one steps next from
+        what opt.state then holds (nothing: fresh zeros), as with AdamW."""
         for slot in stale:
             self._slots.pop(slot.param, None)
             bucket = slot.bucket

@@ -223,14 +223,19 @@ def test_the_state_of_a_param_without_a_grad_reset_by_hand_counts_when_it_steps_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_deleted_state_of_a_param_without_a_grad_is_freed_by_the_next_step(backend):
-    """AdamW frees it at once; the slot that held it here let go only when the param stepped again."""
+@pytest.mark.parametrize("how", ["frozen", "group_removed"])
+def test_the_deleted_state_of_a_param_without_a_grad_is_freed_by_the_next_step(backend, how):
+    """AdamW frees it at once. The slot that held it here let go only when the param stepped again,
+    and never for a param whose group was removed (`opt.param_groups.pop()`, then its states
+    deleted, as code that unfreezes layers in stages may do)."""
     p, frozen = (torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (10, 12))
-    opt = SNRAdamW([p, frozen], backend=backend)
+    opt = SNRAdamW([{"params": [p]}, {"params": [frozen]}], backend=backend)
     p.grad, frozen.grad = torch.randn(10, device=DEVICE), torch.randn(12, device=DEVICE)
     opt.step()
     old = [weakref.ref(t) for t in opt.state[frozen].values()]
     frozen.grad = None
+    if how == "group_removed":
+        opt.param_groups.pop()
     del opt.state[frozen]
     gc.disable()  # freed by reference counts, not by a later collection
     try:
