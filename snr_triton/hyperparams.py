@@ -92,8 +92,6 @@ def _check_betas(betas: Any) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
     tensors = [isinstance(b, torch.Tensor) for b in betas]
-    if any(tensors) and not all(tensors):
-        raise ValueError(f"betas must be both floats or both tensors (as torch.optim.AdamW), got {betas!r}")
     for i, b in enumerate(betas):
         if tensors[i]:
             _check_scalar_tensor(f"betas[{i}]", b)
@@ -101,16 +99,23 @@ def _check_betas(betas: Any) -> None:
             _check_range(f"betas[{i}]", b, 0.0, 1.0, lo_open=False)
 
 
+def check_betas_kinds(betas: Any) -> None:
+    """The constructor's rule, as torch.optim.AdamW's: both floats or both tensors. Only the
+    constructor checks it: OneCycleLR and CyclicLR write a float beta1 beside a tensor beta2."""
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+            raise ValueError(f"betas must be both floats or both tensors (as torch.optim.AdamW's "
+                             f"constructor requires), got {betas!r}")
+
+
 def read_betas(betas: Any) -> tuple[float, float]:
     """(beta1, beta2) as floats, range-checked; tensor betas are read on the host once, together
-    when they share a device (one synchronization for a CUDA pair, as torch.optim.AdamW's host reads)."""
-    if isinstance(betas[0], torch.Tensor):
-        if betas[0].device == betas[1].device:
-            values = torch.stack([b.reshape(()).to(torch.float64) for b in betas]).tolist()
-        else:
-            values = [b.item() for b in betas]
+    when they share a device (one synchronization for a CUDA pair, as torch.optim.AdamW's host reads).
+    A float beside a tensor (what a momentum-cycling scheduler leaves) is read as each is."""
+    if all(isinstance(b, torch.Tensor) for b in betas) and betas[0].device == betas[1].device:
+        values = torch.stack([b.reshape(()).to(torch.float64) for b in betas]).tolist()
     else:
-        values = [float(b) for b in betas]
+        values = [b.item() if isinstance(b, torch.Tensor) else float(b) for b in betas]
     for i, b in enumerate(values):
         _check_range(f"betas[{i}]", b, 0.0, 1.0, lo_open=False)
     return values[0], values[1]

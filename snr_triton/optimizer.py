@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from . import backend, codebook
 from .contract import STATS
-from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, validate_group, validate_runtime
+from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, check_betas_kinds, validate_group, validate_runtime
 from .param_states import (CODES, MAPS_KEPT, SCALES, STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real,
                            is_dense, is_dtensor, like_param, local, local_scales, real_dtype, resharded, rng_seed,
                            scales_layout)
@@ -101,6 +101,7 @@ class SNRAdamW(Optimizer):
                         alpha=alpha, softness=softness, gate_eps=gate_eps, warmup_steps=warmup_steps,
                         maximize=maximize, backend=backend, state_dtype=state_dtype,
                         stochastic_rounding=stochastic_rounding, track_stats=track_stats)
+        check_betas_kinds(betas)
         self._hyper(defaults)
         _check_max_grad_norm(max_grad_norm)
         if max_grad_norm is not None and _built_by_zero_redundancy_optimizer():

@@ -465,6 +465,41 @@ def test_what_adamw_refuses_is_refused(kw, pattern):
         SNRAdamW([p], **kw)
 
 
+SCHEDULERS_THAT_CYCLE_BETA1 = {
+    "one_cycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=12),
+    "cyclic": lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=1e-3, max_lr=0.05, step_size_up=3,
+                                                          base_momentum=0.8, max_momentum=0.95),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tensor_betas", [False, True], ids=["float_betas", "tensor_betas"])
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS_THAT_CYCLE_BETA1))
+def test_schedulers_that_cycle_beta1_step_like_adamw(backend, tensor_betas, scheduler):
+    """OneCycleLR and CyclicLR write a float beta1 beside the group's beta2 every step; with tensor
+    betas that makes (float, tensor), which AdamW steps with and SNRAdamW refused mid-run. The
+    checkpoint taken then loads too."""
+    betas = (torch.tensor(0.9), torch.tensor(0.99)) if tensor_betas else (0.9, 0.99)
+    hp = dict(HP, betas=betas)
+    gen = torch.Generator().manual_seed(5)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in [(5,), (3, 4)]]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = SNRAdamW(ours, gate="none", backend=backend, **hp)
+    ref = torch.optim.AdamW(theirs, **hp)
+    schedules = [SCHEDULERS_THAT_CYCLE_BETA1[scheduler](o) for o in (opt, ref)]
+    for _ in range(6):
+        random_steps(ours, opt, theirs, ref, gen, 1)
+        for schedule in schedules:
+            schedule.step()
+        assert_like_adamw(ours, opt, theirs, ref)
+    assert isinstance(opt.param_groups[0]["betas"][0], float)
+    assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+    resumed = SNRAdamW(ours, gate="none", backend=backend, **hp)
+    resumed.load_state_dict(opt.state_dict())
+    random_steps(ours, resumed, theirs, ref, gen, 2)
+    assert_like_adamw(ours, resumed, theirs, ref)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tensor_betas_are_read_once_per_group_and_step(backend, monkeypatch):
     p = torch.nn.Parameter(torch.ones(4, device=DEVICE))
