@@ -472,10 +472,13 @@ class SNRAdamW(Optimizer):
         max_norm = self.defaults.get("max_grad_norm")
         if max_norm is not None and plan:  # counts a skipped step too
             grad_scale, found_inf = self._clip(plan, max_norm, grad_scale, found_inf)
-        elif found_inf is not None:  # skipped steps, counted on the device
-            skipped = self._last["skipped"]
-            found = found_inf != 0  # added to the float64 count as 0 or 1: one op, not a cast and an add
-            self._last["skipped"] = found.double() if skipped is None else skipped.to(found.device) + found
+        else:
+            if max_norm is not None:  # no grads: N = 0, as clip_grad_norm_'s over none, not the last step's
+                self._last["grad_norm"] = torch.zeros((), device=self._first_param_device())
+            if found_inf is not None:  # skipped steps, counted on the device
+                skipped = self._last["skipped"]
+                found = found_inf != 0  # added to the float64 count as 0 or 1: one op, not a cast and an add
+                self._last["skipped"] = found.double() if skipped is None else skipped.to(found.device) + found
         self._last["stats"], self._last["found_inf"] = [], found_inf
         for work in plan:
             real_params = work.real_params if work.real_params is not None else work.params
@@ -506,6 +509,12 @@ class SNRAdamW(Optimizer):
         divide_by, found, self._last["grad_norm"], self._last["skipped"] = \
             plan[0].backend.clip_coefficients(total, *moved, max_norm)
         return divide_by, found
+
+    def _first_param_device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
 
     def last_grad_norm(self) -> Tensor:
         """N, the global grad norm of the last step (after GradScaler's unscale, before clipping), as

@@ -210,6 +210,22 @@ def test_last_grad_norm_says_what_it_needs():
     assert str(e.value) == "last_grad_norm(): no step has run yet"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_without_grads_has_the_norm_of_no_grads(backend):
+    """A step in which no param has a grad (a frozen phase, an all-None accumulation) had no N of
+    its own: last_grad_norm() raised "no step has run yet", or gave the N of an earlier step, which
+    a trainer then logged as this step's. The truth: clip_grad_norm_ over the same grads."""
+    p = torch.nn.Parameter(torch.ones(3, device=DEVICE))
+    twin = torch.nn.Parameter(torch.ones(3, device=DEVICE))
+    opt = SNRAdamW([p], max_grad_norm=1.0, backend=backend)
+    for grad in (None, torch.full((3,), 2.0, device=DEVICE), None):
+        p.grad = twin.grad = grad
+        opt.step()
+        truth = torch.nn.utils.clip_grad_norm_([twin], 1.0)
+        assert opt.last_grad_norm().device == p.device
+        torch.testing.assert_close(opt.last_grad_norm().cpu(), truth.float().cpu(), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), "1.0", True])
 def test_bad_max_grad_norm_is_refused(value):
     with pytest.raises(ValueError, match="max_grad_norm must be None .* or a finite number > 0, got"):
