@@ -8,7 +8,8 @@ from snr_triton.cli import backend_matrix, main
 
 
 @pytest.mark.parametrize("argv", [["bench", "--sizes", "abc"], ["bench", "--sizes", "0"], ["bench", "--steps", "0"],
-                                  ["demo", "--steps", "-3"], ["demo", "mnist"], ["codegen", "--arch", "x"]])
+                                  ["demo", "--steps", "-3"], ["demo", "mnist"], ["codegen", "--arch", "x"],
+                                  ["codegen", "--arch", "12"]])
 def test_bad_arguments_exit_2_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
