@@ -43,6 +43,9 @@ EIGHT_BIT_TESTS = ("tests/test_8bit_states.py", "tests/test_cpu.py")
 RESHARDED = "tests/test_distributed.py::test_a_param_resharded_in_place_between_steps_keeps_its_states"
 MUTANTS = [
     # the C kernel
+    Mutant("c: 8-bit scale skips a NaN", C, "    a = nan ? NAN : a;\n", "", EIGHT_BIT_TESTS),
+    Mutant("triton: 8-bit scale skips a NaN", TRITON, '    a = tl.where(nan > 0, float("nan"), a)\n', "",
+           EIGHT_BIT_TESTS),
     Mutant("c: 8-bit ties to the upper code", C, "const int32_t above = low > (entry >> 8);",
            "const int32_t above = low >= (entry >> 8);", EIGHT_BIT_TESTS),
     Mutant("c: 8-bit negative y's low bits compared as a positive's", C, "low = (bits ^ (bits >> 31)) &",

@@ -141,6 +141,10 @@ def _encode(x, mask, codes_ptr, scales_ptr, offs, start, numel, lut_ptr, BLOCK: 
     comparison with y's finishes it (as the C kernel)."""
     ax = tl.where(mask, tl.abs(x), 0.0)
     a = tl.max(tl.reshape(ax, [BLOCK // CODE_BLOCK, CODE_BLOCK]), axis=1)
+    # a NaN makes the scale NaN, as torch.amax's and the reference's max (tl.max skips it): the
+    # block decodes as NaN, as float states keep a NaN
+    nan = tl.max(tl.reshape(tl.where(mask & (x != x), 1, 0), [BLOCK // CODE_BLOCK, CODE_BLOCK]), axis=1)
+    a = tl.where(nan > 0, float("nan"), a)
     a_each = tl.reshape(tl.broadcast_to(a[:, None], [BLOCK // CODE_BLOCK, CODE_BLOCK]), [BLOCK])
     y = tl.math.div_rn(x, tl.where(a_each == 0.0, 1.0, a_each))  # a = 0: every x is 0, y = 0
     bits = y.to(tl.int32, bitcast=True)

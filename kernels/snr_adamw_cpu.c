@@ -263,8 +263,11 @@ static void decode_block(const uint8_t *restrict codes, float scale, const Codes
 static inline void encode_block(const float *restrict x, int n, const Codes *c, uint8_t *restrict codes,
                                 float *restrict scale) {
     float a = 0.0f;
-    _Pragma("omp simd reduction(max:a)")
-    for (int i = 0; i < n; i++) { const float ax = fabsf(x[i]); a = ax > a ? ax : a; }
+    int nan = 0; /* a NaN makes the scale NaN (the max of torch.amax and the reference): the block
+                  * decodes as NaN, as float states keep a NaN; a max alone would skip it */
+    _Pragma("omp simd reduction(max:a) reduction(|:nan)")
+    for (int i = 0; i < n; i++) { const float ax = fabsf(x[i]); a = ax > a ? ax : a; nan |= x[i] != x[i]; }
+    a = nan ? NAN : a;
     *scale = a;
     const float d = a == 0.0f ? 1.0f : a;
     const int32_t *restrict packed = c->packed;

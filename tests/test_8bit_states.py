@@ -182,6 +182,35 @@ def test_a_block_of_zeros_holds_the_code_of_zero_and_scale_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_8BIT)
+def test_a_nan_grad_makes_its_blocks_states_nan_as_in_the_reference(backend):
+    """A NaN in a block's new values makes its scale NaN (torch.amax's max, and the reference's),
+    so the block decodes as NaN, as float states keep the NaN. The C and Triton max skipped the
+    NaN and encoded it as a finite code: their states healed where the eager backend's and the
+    reference's did not, and the params of the block went on stepping."""
+    gen = torch.Generator().manual_seed(21)
+    n = 600
+    p = torch.nn.Parameter(torch.randn(n, generator=gen).to(DEVICE))
+    opt = SNRAdamW([p], backend=backend, state_dtype=torch.uint8, **HP)
+    for t in range(4):
+        g = torch.randn(n, generator=gen)
+        if t == 1:
+            g[5] = float("nan")  # in the first block
+        st = _coded_reference_state(opt, p) if t else reference.new_state(p)
+        ref_p = p.detach().clone()
+        p.grad = g.to(DEVICE)
+        opt.step()
+        reference.reference_step(ref_p, g.to(DEVICE), st, **HP, state_dtype=torch.uint8)
+        assert torch.equal(p.detach().isnan(), ref_p.isnan()), t
+        for key in KEYS:
+            decoded = opt.decoded_state(p)[key]
+            assert torch.equal(decoded.isnan(), st[key].isnan()), (t, key)
+            assert torch.equal(opt.state[p][key + "_scales"].isnan(), torch.tensor([t >= 1, False, False], device=DEVICE))
+        finite = ~ref_p.isnan()
+        torch.testing.assert_close(p.detach()[finite].double(), ref_p[finite].double(), rtol=2e-7, atol=1e-5 * HP["lr"])
+    assert int(p.detach().isnan().sum()) == 256  # the NaN step: one element; the next: its whole block
+
+
+@pytest.mark.parametrize("backend", BACKENDS_8BIT)
 def test_a_block_never_spans_two_params_and_the_last_is_shorter(backend):
     """Each param's blocks start at its own first element; its largest v and s of a block encode
     as code 255 (table value 1), so each block's largest decoded value is its scale."""
