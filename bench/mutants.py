@@ -43,6 +43,11 @@ EIGHT_BIT_TESTS = ("tests/test_8bit_states.py", "tests/test_cpu.py")
 RESHARDED = "tests/test_distributed.py::test_a_param_resharded_in_place_between_steps_keeps_its_states"
 MUTANTS = [
     # the C kernel
+    Mutant("eager: the gate's 1/c unbounded (subnormal m)", "snr_triton/backend/eager.py",
+           "        torch._foreach_clamp_max_(inv, _HUGE)\n", "", ("tests/test_between_steps.py",)),
+    Mutant("triton: the gate's 1/c unbounded (subnormal m)", TRITON,
+           "    inv = tl.minimum(1.0 / tl.where(nonzero, c, 1.0), 3.4028234663852886e38)",
+           "    inv = 1.0 / tl.where(nonzero, c, 1.0)", ("tests/test_between_steps.py",)),
     Mutant("c: 8-bit scale skips a NaN", C, "    a = nan ? NAN : a;\n", "", EIGHT_BIT_TESTS),
     Mutant("triton: 8-bit scale skips a NaN", TRITON, '    a = tl.where(nan > 0, float("nan"), a)\n', "",
            EIGHT_BIT_TESTS),

@@ -185,7 +185,9 @@ def _gate(m, s, first, bc1_over_sqrt_bc3, gate_eps_bc1_sq, alpha, softness, GATE
     bk = tl.where(k > 0.0, b * tl.sqrt_rn(k), 0.0)  # not inf * 0 where s overflowed
     c = tl.maximum(a, bk)
     nonzero = c > 0.0
-    inv = 1.0 / tl.where(nonzero, c, 1.0)
+    # 1/c of a subnormal c overflows, and 0 * inf would be NaN: FLT_MAX (1/c for every normal c is
+    # below it) keeps ra, rb finite and the tail inf, so q = 0, as the C kernel's exact scaling gives
+    inv = tl.minimum(1.0 / tl.where(nonzero, c, 1.0), 3.4028234663852886e38)
     ra = tl.where(a >= bk, 1.0, a * inv)  # the larger is exactly 1: also when s overflowed to inf
     rb = tl.where(bk >= a, 1.0, bk * inv)
     x = ra * ra

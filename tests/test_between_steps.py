@@ -379,12 +379,15 @@ def test_rho_zero_forgets_an_s_past_float32(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", ["snr", "soft", "hard", "none"])
-def test_large_finite_grads_keep_params_finite_and_match_the_reference(backend, gate):
+@pytest.mark.parametrize("scales", [(3e19, 3e19, 1e19, 1.0), (1e-42, 5e-43, 1e-42, 1.0)], ids=["large", "subnormal"])
+def test_extreme_finite_grads_keep_params_finite_and_match_the_reference(backend, gate, scales):
     """|g| = 3e19: m-hat^2 and alpha*s-hat overflow float32 (the old gates gave inf/inf = NaN on
-    every backend). The float64 reference does not overflow; the backends must match it."""
+    every backend). |g| = 1e-42, subnormal: m is too and v, s underflow to 0; 1/max(|m|, ...)
+    overflowed in the eager backend's gate and 0 * inf made every such param NaN. The float64
+    reference does neither; the backends must match it."""
     gen = torch.Generator().manual_seed(5)
     theta = torch.randn(64, generator=gen)
-    grads = [torch.randn(64, generator=gen).sign() * scale for scale in (3e19, 3e19, 1e19, 1.0)]
+    grads = [torch.randn(64, generator=gen).sign() * scale for scale in scales]
     hp = dict(lr=1e-2, betas=(0.9, 0.999), rho=0.99, eps=1e-8, weight_decay=0.1, gate=gate, alpha=1.0,
               softness=1.0, gate_eps=1e-16, warmup_steps=0, maximize=False)
     p, _, ref_theta = step_beside_reference(theta, grads, backend, hp)

@@ -90,6 +90,7 @@ def _store(dst: Sequence[Tensor], src: Sequence[Tensor], streams: Sequence[int] 
 
 
 _TINY = torch.finfo(torch.float32).tiny  # the gate's denominator floor: 0 / 0 would be NaN
+_HUGE = torch.finfo(torch.float32).max  # the gate's 1/c ceiling: 1/c of a subnormal c overflows
 
 
 def _weight(h: Hyper) -> float:
@@ -255,6 +256,9 @@ def _step_pieces(batch, h: Hyper, cdt: torch.dtype, inv_scale: Tensor | None,
         c = torch._foreach_maximum(a, b)
         zero_c = [ci == 0 for ci in c]  # m = s = 0: q = 0
         inv = torch._foreach_reciprocal([torch.where(z, torch.ones_like(ci), ci) for z, ci in zip(zero_c, c)])
+        # a subnormal c: 1/c overflows, and 0 * inf would be NaN; FLT_MAX (the same for every normal c)
+        # keeps x, y finite and the tail inf, so q = 0, as the C kernel's exact scaling gives
+        torch._foreach_clamp_max_(inv, _HUGE)
         # the larger of a, b is exactly 1: also when s overflowed to inf
         x = [torch.where(ai >= bi, 1.0, ai * ii) for ai, bi, ii in zip(a, b, inv)]
         torch._foreach_mul_(x, x)
