@@ -488,7 +488,7 @@ def test_schedulers_that_cycle_beta1_step_like_adamw(backend, tensor_betas, sche
     ours = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in [(5,), (3, 4)]]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt = SNRAdamW(ours, gate="none", backend=backend, **hp)
-    ref = torch.optim.AdamW(theirs, **hp)
+    ref = torch.optim.AdamW(theirs, **hp, foreach=False)  # on a GPU foreach AdamW refuses tensor betas
     schedules = [SCHEDULERS_THAT_CYCLE_BETA1[scheduler](o) for o in (opt, ref)]
     for _ in range(6):
         random_steps(ours, opt, theirs, ref, gen, 1)
