@@ -165,6 +165,8 @@ MUTANTS = [
     Mutant("optimizer: a frozen param's edited entry not noticed", "snr_triton/optimizer.py",
            "            stale = [slot for p, slot in self._slots.items() if state.get(p) is not slot.entry]",
            "            stale = []", ("tests/test_between_steps.py",)),
+    Mutant("optimizer: a replaced slot kept in its old group's record", "snr_triton/optimizer.py",
+           "        self._unrecord(replaced)\n", "", ("tests/test_between_steps.py",)),
     Mutant("optimizer: a forgotten slot kept in its group's record", "snr_triton/optimizer.py",
            "            record[1] = [None if id(s) in gone else s for s in record[1]]", "            pass",
            ("tests/test_between_steps.py",)),

@@ -287,7 +287,7 @@ class SNRAdamW(Optimizer):
         """Make the states of checked repairs: a new slot per param, adopting the state given (none:
         fresh zeros). Nothing here can fail on user input: `_plan` checked it all."""
         ids = self._param_ids() if repairs else {}
-        made = []
+        made, replaced = [], []
         for r in repairs:
             group = self.param_groups[r.group_index]
             if r.reuse:
@@ -300,10 +300,22 @@ class SNRAdamW(Optimizer):
                 self._slots[r.param] = slot
                 if r.old is not None:
                     r.old.bucket.release(r.old)
+                    replaced.append(r.old)
             self._place(r.group_index, r.param_index, slot)
             made.append(slot)
+        # a param moved to another group leaves its old slot in the old group's record: were it
+        # moved back to the same index, the cheap path would take that slot, whose bucket is gone
+        self._unrecord(replaced)
         self._drop_dead_buckets()
         return made
+
+    def _unrecord(self, slots: list[Slot]) -> None:
+        """Take released slots out of every group's record of slots by position."""
+        if not slots:
+            return
+        gone = {id(slot) for slot in slots}
+        for record in self._group_slots:
+            record[1] = [None if id(s) in gone else s for s in record[1]]
 
     def _place(self, gi: int, i: int, slot: Slot) -> None:
         """Record `slot` as that of param i of group gi, for the step's cheap path."""
@@ -420,9 +432,7 @@ class SNRAdamW(Optimizer):
             bucket = slot.bucket
             if bucket is not None:
                 bucket.release(slot)
-        gone = {id(slot) for slot in stale}
-        for record in self._group_slots:
-            record[1] = [None if id(s) in gone else s for s in record[1]]
+        self._unrecord(stale)
         self._drop_dead_buckets()
 
     def _drop_dead_buckets(self) -> None:

@@ -340,6 +340,26 @@ def test_a_param_moved_to_another_group_steps_with_its_lr_and_keeps_the_dict_use
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_moved_out_of_its_group_and_back_steps_like_adamw(backend):
+    """d alone in group 1 moves to group 0 (group 1 left empty), steps, and moves back to its old
+    place. Group 1's record of slots by position still held d's first slot, whose bucket had gone
+    with the move, and the next step failed (AttributeError: 'NoneType' object has no attribute
+    'checked'); found by the between-steps property test."""
+    (ours, opt), (theirs, ref) = pair([(5,), (3, 4), (4,)], backend)
+    for o, (a, b, d) in ((opt, ours), (ref, theirs)):
+        o.param_groups[0]["params"] = [a, b]
+        o.add_param_group({"params": [d], "lr": 5e-3})
+    gen = torch.Generator().manual_seed(8)
+    for moves in ([], [(1, 0)], [(0, 1)], [(1, 0)], [(0, 1)]):
+        for src, dst in moves:
+            for o, q in ((opt, ours[2]), (ref, theirs[2])):
+                o.param_groups[src]["params"] = [p for p in o.param_groups[src]["params"] if p is not q]
+                o.param_groups[dst]["params"].append(q)
+        random_steps(ours, opt, theirs, ref, gen, 2)
+        assert_like_adamw(ours, opt, theirs, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_groups_reordered_with_their_params_swapped_step_with_each_groups_own_lr(backend):
     """Both at once: opt.param_groups reversed and the two groups' params swapped, so the group
     now first holds the params its index held before, under another lr. Each param must step with
