@@ -43,14 +43,7 @@ EIGHT_BIT_TESTS = ("tests/test_8bit_states.py", "tests/test_cpu.py")
 RESHARDED = "tests/test_distributed.py::test_a_param_resharded_in_place_between_steps_keeps_its_states"
 MUTANTS = [
     # the C kernel
-    Mutant("eager: the gate's 1/c unbounded (subnormal m)", "snr_triton/backend/eager.py",
-           "        torch._foreach_clamp_max_(inv, _HUGE)\n", "", ("tests/test_between_steps.py",)),
-    Mutant("triton: the gate's 1/c unbounded (subnormal m)", TRITON,
-           "    inv = tl.minimum(1.0 / tl.where(nonzero, c, 1.0), 3.4028234663852886e38)",
-           "    inv = 1.0 / tl.where(nonzero, c, 1.0)", ("tests/test_between_steps.py",)),
     Mutant("c: 8-bit scale skips a NaN", C, "    a = nan ? NAN : a;\n", "", EIGHT_BIT_TESTS),
-    Mutant("triton: 8-bit scale skips a NaN", TRITON, '    a = tl.where(nan > 0, float("nan"), a)\n', "",
-           EIGHT_BIT_TESTS),
     Mutant("c: 8-bit ties to the upper code", C, "const int32_t above = low > (entry >> 8);",
            "const int32_t above = low >= (entry >> 8);", EIGHT_BIT_TESTS),
     Mutant("c: 8-bit negative y's low bits compared as a positive's", C, "low = (bits ^ (bits >> 31)) &",
@@ -124,6 +117,11 @@ MUTANTS = [
     Mutant("c: norm pass overflow fallback dropped", C, "if (!isfinite(sum)) {", "if (0) {", ("tests/test_clipping.py",)),
     Mutant("c: norm pass run dropped", C, "lanes[j] += run[j];", "lanes[j] = run[j];", ("tests/test_clipping.py",)),
     # the Triton kernel (interpreted)
+    Mutant("triton: the gate's 1/c unbounded (subnormal m)", TRITON,
+           "    inv = tl.minimum(1.0 / tl.where(nonzero, c, 1.0), 3.4028234663852886e38)",
+           "    inv = 1.0 / tl.where(nonzero, c, 1.0)", ("tests/test_between_steps.py",)),
+    Mutant("triton: 8-bit scale skips a NaN", TRITON, '    a = tl.where(nan > 0, float("nan"), a)\n', "",
+           EIGHT_BIT_TESTS),
     Mutant("triton: update sign", TRITON, "p = p - (lr / bc1) * (q * m / denom)", "p = p + (lr / bc1) * (q * m / denom)",
            TRITON_TESTS),
     Mutant("triton: 8-bit ties to the upper code", TRITON, "tl.where(low > (entry >> 8), 1, 0)",
@@ -154,6 +152,8 @@ MUTANTS = [
            "b = [bi * weight**0.5 if weight > 0 else torch.zeros_like(bi) for bi in b]", "weight = 1.0",
            ("tests/test_properties.py",)),
     # the Python core
+    Mutant("eager: the gate's 1/c unbounded (subnormal m)", "snr_triton/backend/eager.py",
+           "        torch._foreach_clamp_max_(inv, _HUGE)\n", "", ("tests/test_between_steps.py",)),
     Mutant("reference: s-hat without bias correction", "snr_triton/reference.py", "shat = s / (1 - rho**t)",
            "shat = s", ("tests/test_reference.py",)),
     Mutant("eager: rho for 1 - rho", "snr_triton/backend/eager.py", "torch._foreach_addcmul_(s, torch._foreach_mul(diff, 1 - rho), diff)",
