@@ -133,6 +133,11 @@ def _decode(codes, scales_ptr, offs, mask, values_ptr):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _encode(x, mask, codes_ptr, scales_ptr, offs, start, numel, lut_ptr, BLOCK: tl.constexpr,
             MASKED: tl.constexpr):
     """Each code block's scale (max |x|) and the codes of x / scale (ALGORITHM.md "8-bit states"):
@@ -140,11 +145,9 @@ def _encode(x, mask, codes_ptr, scales_ptr, offs, start, numel, lut_ptr, BLOCK: 
     smallest y and at most one threshold, whose low mantissa bits (codebook.packed_lut) one
     comparison with y's finishes it (as the C kernel)."""
     ax = tl.where(mask, tl.abs(x), 0.0)
-    a = tl.max(tl.reshape(ax, [BLOCK // CODE_BLOCK, CODE_BLOCK]), axis=1)
-    # a NaN makes the scale NaN, as torch.amax's and the reference's max (tl.max skips it): the
-    # block decodes as NaN, as float states keep a NaN
-    nan = tl.max(tl.reshape(tl.where(mask & (x != x), 1, 0), [BLOCK // CODE_BLOCK, CODE_BLOCK]), axis=1)
-    a = tl.where(nan > 0, float("nan"), a)
+    # a max that keeps a NaN, as torch.amax's and the reference's (tl.max skips it): the block
+    # decodes as NaN, as float states keep a NaN
+    a = tl.reduce(tl.reshape(ax, [BLOCK // CODE_BLOCK, CODE_BLOCK]), 1, _max_keeping_nan)
     a_each = tl.reshape(tl.broadcast_to(a[:, None], [BLOCK // CODE_BLOCK, CODE_BLOCK]), [BLOCK])
     y = tl.math.div_rn(x, tl.where(a_each == 0.0, 1.0, a_each))  # a = 0: every x is 0, y = 0
     bits = y.to(tl.int32, bitcast=True)
