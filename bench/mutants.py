@@ -235,6 +235,15 @@ MUTANTS = [
            "fd = os.open(path, os.O_RDONLY)", ("tests/test_cache_security.py",)),
     Mutant("cache: any directory trusted", "snr_triton/backend/kernel_cache.py", "    if reason is None:\n        return root",
            "    if True:\n        return root", ("tests/test_cache_security.py",)),
+    # bench/cpu_floor.py's floor passes: a pass that does less than it stands for is no floor
+    Mutant("floor: the read pass skips each chunk's tail", "bench/cpu_floor.py",
+           "            for (int64_t i = n - n % 32; i < n; i++) total += g[i] * g[i];\n", "",
+           ("tests/test_cpu_floor.py",)),
+    Mutant("floor: the 9-stream pass leaves s", "bench/cpu_floor.py", "s[i] = 0.99f * s[i] + x * x;", "(void)s;",
+           ("tests/test_cpu_floor.py",)),
+    Mutant("floor: threads split the chunks short", "bench/cpu_floor.py",
+           "chunks * (i + 1) / threads * CHUNK, kind, 0};", "chunks * (i + 1) / threads * CHUNK - 1, kind, 0};",
+           ("tests/test_cpu_floor.py",)),
 ]
 
 
