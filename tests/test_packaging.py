@@ -4,6 +4,7 @@ the studies' results as snr_triton.results (what the demo's claims are read from
 import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,15 @@ def test_console_script():
     assert out.returncode == 0 and "check" in out.stdout
     eps = importlib.metadata.entry_points(group="console_scripts")
     assert any(ep.name == "snr-triton" and ep.value == "snr_triton.cli:main" for ep in eps)
+
+
+def test_the_checkout_does_not_shadow_an_installed_kernels_package():
+    """`python -m pytest`, or any script run from the repository root, puts the root first on
+    sys.path. With a kernels/__init__.py there, `import kernels` found our source folder instead of
+    the Hub's `kernels` package (which transformers imports when it is installed), and
+    tests/test_integrations.py failed under `python -m pytest`. The folder ships as
+    snr_triton.kernels and is loaded by path, so it needs no __init__.py."""
+    root = Path(__file__).resolve().parent.parent
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+    assert not out.stdout.strip().startswith(str(root / "kernels")), out.stdout
