@@ -235,6 +235,13 @@ MUTANTS = [
            "fd = os.open(path, os.O_RDONLY)", ("tests/test_cache_security.py",)),
     Mutant("cache: any directory trusted", "snr_triton/backend/kernel_cache.py", "    if reason is None:\n        return root",
            "    if True:\n        return root", ("tests/test_cache_security.py",)),
+    # a step's validation once per distinct set of a group's plain values (hyperparams.step_hyper)
+    Mutant("hyperparams: validated values keyed without their types", "snr_triton/hyperparams.py",
+           "    key = (tuple(values), tuple(map(type, values)))", "    key = (tuple(values),)",
+           ("tests/test_bad_input.py",)),
+    Mutant("hyperparams: tensor betas validated once", "snr_triton/hyperparams.py",
+           "        if any(isinstance(b, torch.Tensor) for b in betas):\n            return None\n", "",
+           ("tests/test_between_steps.py::test_tensor_betas_changed_in_place_between_steps_step_like_adamw",)),
     # bench/cpu_floor.py's floor passes: a pass that does less than it stands for is no floor
     Mutant("floor: the read pass skips each chunk's tail", "bench/cpu_floor.py",
            "            for (int64_t i = n - n % 32; i < n; i++) total += g[i] * g[i];\n", "",

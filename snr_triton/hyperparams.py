@@ -194,3 +194,51 @@ class Hyper:
 
 
 DEFAULT_HYPER = Hyper.of({**DEFAULTS, **RUNTIME_DEFAULTS})
+
+# Every step validates every group (a scheduler or the user may have changed it): about half of
+# a step's host time with many small groups (layer-wise lr decay, a group per param). A group
+# whose settings are all plain values is validated once per distinct set of values; one that
+# holds a tensor (lr, betas: their values can change in place) is validated every step.
+_CHECKED: dict[tuple, Hyper] = {}
+_CHECKED_MAX = 1024
+
+
+def _values_key(group: dict[str, Any]) -> tuple | None:
+    """The group's settings and each one's type (True and 1, 0 and 0.0 validate differently), or
+    None where lr or a beta is a tensor (validation refuses a tensor anywhere else) or a value
+    cannot be a key."""
+    lr, betas = group["lr"], group["betas"]
+    if isinstance(lr, torch.Tensor):
+        return None
+    if isinstance(betas, (tuple, list)):
+        if any(isinstance(b, torch.Tensor) for b in betas):
+            return None
+        betas = (type(betas), tuple(betas), tuple(map(type, betas)))
+    values = [group[name] for name in _KEY_NAMES]
+    values[_BETAS] = betas
+    key = (tuple(values), tuple(map(type, values)))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+_KEY_NAMES = (*DEFAULTS, *RUNTIME_DEFAULTS)
+_BETAS = _KEY_NAMES.index("betas")
+
+
+def step_hyper(group: dict[str, Any]) -> Hyper:
+    """A step's `Hyper` of a group: validated (as validate_group without reading tensors, and
+    validate_runtime) unless the same values were validated before."""
+    key = _values_key(group)
+    hyper = _CHECKED.get(key) if key is not None else None
+    if hyper is None:
+        validate_group(group, read_tensors=False)
+        validate_runtime(group)
+        hyper = Hyper.of(group)
+        if key is not None:
+            if len(_CHECKED) >= _CHECKED_MAX:
+                _CHECKED.clear()
+            _CHECKED[key] = hyper
+    return hyper

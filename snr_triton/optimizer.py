@@ -24,7 +24,8 @@ from torch.optim import Optimizer
 
 from . import backend, codebook
 from .contract import STATS
-from .hyperparams import DEFAULTS, RUNTIME_DEFAULTS, Hyper, check_betas_kinds, validate_group, validate_runtime
+from .hyperparams import (DEFAULTS, RUNTIME_DEFAULTS, Hyper, check_betas_kinds, step_hyper, validate_group,
+                          validate_runtime)
 from .param_states import (CODES, MAPS_KEPT, SCALES, STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real,
                            is_dense, is_dtensor, like_param, local, local_scales, real_dtype, resharded, rng_seed,
                            scales_layout)
@@ -120,6 +121,8 @@ class SNRAdamW(Optimizer):
     def _hyper(group: dict[str, Any], where: str = "", *, read_tensors: bool = True) -> Hyper:
         """Validate a group (ValueError naming the argument and the valid choices) and freeze it."""
         try:
+            if not read_tensors and not torch.compiler.is_compiling():  # a step: values seen before pass
+                return step_hyper(group)
             validate_group(group, read_tensors=read_tensors)
             validate_runtime(group)
             return Hyper.of(group)

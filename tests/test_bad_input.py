@@ -99,6 +99,36 @@ def test_a_param_turned_into_a_dtype_its_named_backend_cannot_step_is_refused_by
     assert all(torch.equal(opt.state[p][k], v) for k, v in before[0].items()) and torch.equal(q, before[1])
 
 
+# equal to a valid value (0 == False, 0.0 == 0) but of a type validation refuses
+EQUAL_BUT_INVALID = [("maximize", 0, "maximize"), ("track_stats", 0, "track_stats"),
+                     ("warmup_steps", 0.0, "warmup_steps"), ("stochastic_rounding", 0, "stochastic_rounding")]
+
+
+@pytest.mark.parametrize("name,value,pattern", BAD + EQUAL_BUT_INVALID,
+                         ids=[f"{b[0]}={b[1]!r}" for b in BAD + EQUAL_BUT_INVALID])
+def test_a_bad_value_set_after_good_steps_is_refused_at_the_next_step(name, value, pattern):
+    """A step validates a group's settings once per distinct set of values (host time with many
+    groups); a value set between steps is still checked, one equal to a validated value but of
+    another type included, and nothing changes; the good value back, the run goes on."""
+    p = torch.nn.Parameter(torch.ones(3, device=DEVICE))
+    opt = SNRAdamW([p])
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    before, param_before = copy.deepcopy(opt.state_dict()), p.detach().clone()
+    good = opt.param_groups[0][name]
+    opt.param_groups[0][name] = value
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=pattern) as info:
+        opt.step()
+    assert "(param group 0)" in str(info.value)
+    assert torch.equal(p, param_before)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before["state"][0].items())
+    opt.param_groups[0][name] = good
+    opt.step()
+    assert opt.state[p]["step"].item() == 3
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the C backend is not built here")
 def test_a_group_switched_by_hand_to_a_backend_that_cannot_step_its_params_is_refused():
     """group["backend"] set between steps: its params' slots still fit, so it is the step's choice

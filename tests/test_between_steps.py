@@ -524,6 +524,28 @@ def test_schedulers_that_cycle_beta1_step_like_adamw(backend, tensor_betas, sche
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_betas_changed_in_place_between_steps_step_like_adamw(backend):
+    """A step validates a group once per distinct set of plain values; tensor betas are read
+    afresh every step, so values written into them in place (as a scheduler keeping tensors does)
+    count at the next step, as with AdamW."""
+    betas = (torch.tensor(0.9), torch.tensor(0.99))
+    gen = torch.Generator().manual_seed(6)
+    ours = [torch.nn.Parameter(torch.randn(5, generator=gen).to(DEVICE))]
+    theirs = [torch.nn.Parameter(ours[0].detach().clone())]
+    opt = SNRAdamW(ours, gate="none", backend=backend, **dict(HP, betas=tuple(b.clone() for b in betas)))
+    ref = torch.optim.AdamW(theirs, **dict(HP, betas=betas), foreach=False)
+    for lr in (1e-2, 3e-2):  # a float lr set by assignment: a new set of values to validate
+        for o in (opt, ref):
+            o.param_groups[0]["lr"] = lr
+        random_steps(ours, opt, theirs, ref, gen, 2)
+        for o in (opt, ref):  # then the betas in place, the group's values otherwise the same
+            o.param_groups[0]["betas"][0].mul_(0.6)
+            o.param_groups[0]["betas"][1].mul_(0.95)
+        random_steps(ours, opt, theirs, ref, gen, 2)
+        assert_like_adamw(ours, opt, theirs, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tensor_betas_are_read_once_per_group_and_step(backend, monkeypatch):
     p = torch.nn.Parameter(torch.ones(4, device=DEVICE))
     opt = SNRAdamW([p], betas=(torch.tensor(0.9), torch.tensor(0.99)), backend=backend)
