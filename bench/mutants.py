@@ -242,6 +242,11 @@ MUTANTS = [
     Mutant("hyperparams: tensor betas validated once", "snr_triton/hyperparams.py",
            "        if any(isinstance(b, torch.Tensor) for b in betas):\n            return None\n", "",
            ("tests/test_between_steps.py::test_tensor_betas_changed_in_place_between_steps_step_like_adamw",)),
+    Mutant("hyperparams: a step keeps the lr it validated first", "snr_triton/hyperparams.py",
+           "    return replace(hyper, lr=float(lr))", "    return hyper",
+           ("tests/test_between_steps.py", "tests/test_bad_input.py")),
+    Mutant("hyperparams: lr compared by value alone", "snr_triton/hyperparams.py",
+           "    if type(lr) is float and lr == hyper.lr:", "    if lr == hyper.lr:", ("tests/test_bad_input.py",)),
     # bench/cpu_floor.py's floor passes: a pass that does less than it stands for is no floor
     Mutant("floor: the read pass skips each chunk's tail", "bench/cpu_floor.py",
            "            for (int64_t i = n - n % 32; i < n; i++) total += g[i] * g[i];\n", "",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -197,18 +197,19 @@ DEFAULT_HYPER = Hyper.of({**DEFAULTS, **RUNTIME_DEFAULTS})
 
 # Every step validates every group (a scheduler or the user may have changed it): about half of
 # a step's host time with many small groups (layer-wise lr decay, a group per param). A group
-# whose settings are all plain values is validated once per distinct set of values; one that
-# holds a tensor (lr, betas: their values can change in place) is validated every step.
+# whose settings are plain values is validated once per distinct set of them but its lr, which
+# schedulers change every step and which is checked alone (one comparison); one whose lr or betas
+# are tensors (their values can change in place) is validated every step.
 _CHECKED: dict[tuple, Hyper] = {}
 _CHECKED_MAX = 1024
 
 
 def _values_key(group: dict[str, Any]) -> tuple | None:
-    """The group's settings and each one's type (True and 1, 0 and 0.0 validate differently), or
-    None where lr or a beta is a tensor (validation refuses a tensor anywhere else) or a value
-    cannot be a key."""
-    lr, betas = group["lr"], group["betas"]
-    if isinstance(lr, torch.Tensor):
+    """The group's settings but lr, and each one's type (True and 1, 0 and 0.0 validate
+    differently), or None where lr or a beta is a tensor (validation refuses a tensor anywhere
+    else) or a value cannot be a key."""
+    betas = group["betas"]
+    if isinstance(group["lr"], torch.Tensor):
         return None
     if isinstance(betas, (tuple, list)):
         if any(isinstance(b, torch.Tensor) for b in betas):
@@ -224,13 +225,13 @@ def _values_key(group: dict[str, Any]) -> tuple | None:
     return key
 
 
-_KEY_NAMES = (*DEFAULTS, *RUNTIME_DEFAULTS)
+_KEY_NAMES = tuple(name for name in (*DEFAULTS, *RUNTIME_DEFAULTS) if name != "lr")
 _BETAS = _KEY_NAMES.index("betas")
 
 
 def step_hyper(group: dict[str, Any]) -> Hyper:
     """A step's `Hyper` of a group: validated (as validate_group without reading tensors, and
-    validate_runtime) unless the same values were validated before."""
+    validate_runtime) unless the same values but lr were validated before; then lr alone."""
     key = _values_key(group)
     hyper = _CHECKED.get(key) if key is not None else None
     if hyper is None:
@@ -241,4 +242,9 @@ def step_hyper(group: dict[str, Any]) -> Hyper:
             if len(_CHECKED) >= _CHECKED_MAX:
                 _CHECKED.clear()
             _CHECKED[key] = hyper
-    return hyper
+        return hyper
+    lr = group["lr"]
+    if type(lr) is float and lr == hyper.lr:  # NaN is never equal: it is checked below
+        return hyper
+    _check_lr(lr, read_tensors=False)
+    return replace(hyper, lr=float(lr))

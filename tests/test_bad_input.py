@@ -100,18 +100,19 @@ def test_a_param_turned_into_a_dtype_its_named_backend_cannot_step_is_refused_by
 
 
 # equal to a valid value (0 == False, 0.0 == 0) but of a type validation refuses
-EQUAL_BUT_INVALID = [("maximize", 0, "maximize"), ("track_stats", 0, "track_stats"),
+EQUAL_BUT_INVALID = [("lr", True, "lr"), ("maximize", 0, "maximize"), ("track_stats", 0, "track_stats"),
                      ("warmup_steps", 0.0, "warmup_steps"), ("stochastic_rounding", 0, "stochastic_rounding")]
 
 
 @pytest.mark.parametrize("name,value,pattern", BAD + EQUAL_BUT_INVALID,
                          ids=[f"{b[0]}={b[1]!r}" for b in BAD + EQUAL_BUT_INVALID])
 def test_a_bad_value_set_after_good_steps_is_refused_at_the_next_step(name, value, pattern):
-    """A step validates a group's settings once per distinct set of values (host time with many
-    groups); a value set between steps is still checked, one equal to a validated value but of
-    another type included, and nothing changes; the good value back, the run goes on."""
+    """A step validates a group's settings once per distinct set of values but lr, and lr alone
+    (host time with many groups); a value set between steps is still checked, one equal to a
+    validated value but of another type included, and nothing changes; the good value back, the
+    run goes on."""
     p = torch.nn.Parameter(torch.ones(3, device=DEVICE))
-    opt = SNRAdamW([p])
+    opt = SNRAdamW([p], lr=1.0)  # True == 1.0
     for _ in range(2):
         p.grad = torch.ones_like(p)
         opt.step()

@@ -534,11 +534,11 @@ def test_tensor_betas_changed_in_place_between_steps_step_like_adamw(backend):
     theirs = [torch.nn.Parameter(ours[0].detach().clone())]
     opt = SNRAdamW(ours, gate="none", backend=backend, **dict(HP, betas=tuple(b.clone() for b in betas)))
     ref = torch.optim.AdamW(theirs, **dict(HP, betas=betas), foreach=False)
-    for lr in (1e-2, 3e-2):  # a float lr set by assignment: a new set of values to validate
+    for lr in (1e-2, 3e-2):  # a float lr set by assignment, then the betas changed in place
         for o in (opt, ref):
             o.param_groups[0]["lr"] = lr
         random_steps(ours, opt, theirs, ref, gen, 2)
-        for o in (opt, ref):  # then the betas in place, the group's values otherwise the same
+        for o in (opt, ref):
             o.param_groups[0]["betas"][0].mul_(0.6)
             o.param_groups[0]["betas"][1].mul_(0.95)
         random_steps(ours, opt, theirs, ref, gen, 2)
