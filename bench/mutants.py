@@ -235,6 +235,12 @@ MUTANTS = [
            "fd = os.open(path, os.O_RDONLY)", ("tests/test_cache_security.py",)),
     Mutant("cache: any directory trusted", "snr_triton/backend/kernel_cache.py", "    if reason is None:\n        return root",
            "    if True:\n        return root", ("tests/test_cache_security.py",)),
+    Mutant("clip: FSDP1's params not refused at construction", "snr_triton/optimizer.py",
+           "        if max_grad_norm is not None:\n            _check_not_sharded_by_fsdp1(", "        if False:\n            _check_not_sharded_by_fsdp1(",
+           ("tests/test_distributed.py::test_fsdp1_params_refuse_max_grad_norm_and_step_like_adamw_after_fsdps_clip",)),
+    Mutant("clip: FSDP1's params not refused in add_param_group", "snr_triton/optimizer.py",
+           "        if self.defaults.get(\"max_grad_norm\") is not None:  # set after", "        if False:  # set after",
+           ("tests/test_distributed.py::test_fsdp1_params_refuse_max_grad_norm_and_step_like_adamw_after_fsdps_clip",)),
     # a step's validation once per distinct set of a group's plain values (hyperparams.step_hyper)
     Mutant("hyperparams: validated values keyed without their types", "snr_triton/hyperparams.py",
            "    key = (tuple(values), tuple(map(type, values)))", "    key = (tuple(values),)",

@@ -111,6 +111,8 @@ class SNRAdamW(Optimizer):
                              "torch.nn.utils.clip_grad_norm_(model.parameters(), c) before opt.step()")
         self._reset_caches()
         super().__init__(params, defaults)
+        if max_grad_norm is not None:
+            _check_not_sharded_by_fsdp1([p for group in self.param_groups for p in group["params"]])
         self.state = TrackedState(self.state)
         # the whole optimizer's, not a group's: one norm over every group (kept in defaults, which
         # pickling and deepcopy keep, and taken out of each group)
@@ -139,6 +141,8 @@ class SNRAdamW(Optimizer):
         hyper = self._hyper(merged, where)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        if self.defaults.get("max_grad_norm") is not None:  # set after the constructor's groups
+            _check_not_sharded_by_fsdp1([p[1] if isinstance(p, tuple) else p for p in params])
         seen: dict[int, int] = {}
         for i, p in enumerate(params):
             name, p = (p[0], p[1]) if isinstance(p, tuple) else (None, p)  # named parameters: (name, tensor)
@@ -617,6 +621,20 @@ def _built_by_zero_redundancy_optimizer() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _check_not_sharded_by_fsdp1(params: list[Any]) -> None:
+    """FullyShardedDataParallel (FSDP1) marks its flat params, and the original params under
+    use_orig_params=True, `_fsdp_flattened`; across ranks their grads are each rank's shard as plain
+    tensors, so a norm over them would be the shard's (FSDP2's are DTensors, normed over the mesh)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return
+    if any(getattr(p, "_fsdp_flattened", False) for p in params if isinstance(p, Tensor)):
+        raise ValueError("max_grad_norm: these params are FullyShardedDataParallel's (FSDP1), whose grads on each "
+                         "rank are that rank's shard, so the norm would be the shard's; leave max_grad_norm=None "
+                         "and clip with FSDP's model.clip_grad_norm_(c) before opt.step(), or shard with FSDP2 "
+                         "(torch.distributed.fsdp.fully_shard), whose DTensor grads the step norms over the mesh")
 
 
 def _by_mesh(work: Work, real_params: list[Tensor]):

@@ -648,6 +648,63 @@ def test_max_grad_norm_under_zero_redundancy_optimizer_is_refused(tmp_path):
                        "torch.nn.utils.clip_grad_norm_(model.parameters(), c) before opt.step()")
 
 
+FSDP1_REFUSAL = ("max_grad_norm: these params are FullyShardedDataParallel's (FSDP1), whose grads on each rank are "
+                 "that rank's shard, so the norm would be the shard's; leave max_grad_norm=None and clip with FSDP's "
+                 "model.clip_grad_norm_(c) before opt.step(), or shard with FSDP2 "
+                 "(torch.distributed.fsdp.fully_shard), whose DTensor grads the step norms over the mesh")
+
+
+def _fsdp1(rank, port, backend, use_orig_params, out):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    _init(rank, port)
+    result = {}
+    wrap = FSDP(make_model(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    try:
+        SNRAdamW(wrap.parameters(), backend=backend, max_grad_norm=1.0, **HP)
+        result["refused"] = None
+    except ValueError as e:
+        result["refused"] = str(e)
+    plain = torch.nn.Parameter(torch.ones(3))
+    opt = SNRAdamW([plain], backend=backend, max_grad_norm=1.0, **HP)
+    try:
+        opt.add_param_group({"params": list(wrap.parameters())})
+        result["refused_late"] = None
+    except ValueError as e:
+        result["refused_late"] = str(e)
+    result["groups"] = len(opt.param_groups)
+    for name in ("snr", "adamw"):  # FSDP's own clip_grad_norm_ before each step, as the refusal says
+        model = FSDP(make_model(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+        opt = (SNRAdamW(model.parameters(), backend=backend, gate="none", **HP) if name == "snr"
+               else torch.optim.AdamW(model.parameters(), lr=HP["lr"], weight_decay=HP["weight_decay"], foreach=False))
+        for x, y in batches():
+            opt.zero_grad()
+            loss_fn(model, _shard(x, rank), _shard(y, rank)).backward()
+            model.clip_grad_norm_(0.05)
+            opt.step()
+        with FSDP.summon_full_params(model):
+            result[name] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+    if rank == 0:
+        torch.save(result, out)
+    _finish()
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False], ids=["orig_params", "flat_params"])
+def test_fsdp1_params_refuse_max_grad_norm_and_step_like_adamw_after_fsdps_clip(use_orig_params, tmp_path):
+    """FullyShardedDataParallel (FSDP1) hands the optimizer flat params, or views of them with
+    use_orig_params=True, whose grads are plain tensors holding each rank's shard: max_grad_norm
+    computed the shard's norm and clipped each rank differently from FSDP's clip_grad_norm_ (a
+    0.005 difference after 4 steps at lr 1e-2 in the probe), without a word. Now refused, at
+    construction and in add_param_group (nothing added), naming the alternative; that
+    alternative, FSDP's clip then the step, is AdamW's."""
+    out = tmp_path / "fsdp1.pt"
+    spawn(_fsdp1, DIST_BACKENDS[0], use_orig_params, str(out))
+    result = torch.load(out)
+    assert result["refused"] == FSDP1_REFUSAL
+    assert result["refused_late"] == FSDP1_REFUSAL and result["groups"] == 1
+    assert max_diff(result["snr"], result["adamw"]) <= 1e-6
+
+
 RESHARD_STEPS = 4  # the param goes from Shard(0) to Replicate() in place after half of them
 
 
