@@ -7,6 +7,7 @@ all-reduce; a resumed run must equal the uninterrupted one bit for bit.
 """
 
 import datetime
+import io
 import os
 import socket
 import sys
@@ -684,6 +685,30 @@ def _fsdp1(rank, port, backend, use_orig_params, out):
             opt.step()
         with FSDP.summon_full_params(model):
             result[name] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+    # 8-bit states: each rank's opt.state_dict() resumes bit for bit (FSDP.optim_state_dict cannot
+    # gather codes and scales)
+    runs = []
+    for resume in (False, True):
+        model = FSDP(make_model(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+        init = [p.detach().clone() for p in model.parameters()]
+        opt = SNRAdamW(model.parameters(), backend=backend, state_dtype=torch.uint8, **HP)
+        for k, (x, y) in enumerate(batches()):
+            if resume and k == STEPS // 2:  # a checkpoint of each rank's shard, a fresh process's objects
+                buffer = io.BytesIO()
+                torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in model.parameters()]}, buffer)
+                saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+                model = FSDP(make_model(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+                with torch.no_grad():
+                    for p, q in zip(model.parameters(), saved["params"]):
+                        p.copy_(q)
+                opt = SNRAdamW(model.parameters(), backend=backend, state_dtype=torch.uint8, **HP)
+                opt.load_state_dict(saved["opt"])
+            opt.zero_grad()
+            loss_fn(model, _shard(x, rank), _shard(y, rank)).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    result["8bit_resumed_equal"] = all(torch.equal(a, b) for a, b in zip(*runs))
+    result["8bit_moved"] = any(p.numel() and not torch.equal(p, q) for p, q in zip(runs[0], init))
     if rank == 0:
         torch.save(result, out)
     _finish()
@@ -696,13 +721,15 @@ def test_fsdp1_params_refuse_max_grad_norm_and_step_like_adamw_after_fsdps_clip(
     computed the shard's norm and clipped each rank differently from FSDP's clip_grad_norm_ (a
     0.005 difference after 4 steps at lr 1e-2 in the probe), without a word. Now refused, at
     construction and in add_param_group (nothing added), naming the alternative; that
-    alternative, FSDP's clip then the step, is AdamW's."""
+    alternative, FSDP's clip then the step, is AdamW's. 8-bit states train there too and each
+    rank's opt.state_dict() resumes them bit for bit."""
     out = tmp_path / "fsdp1.pt"
     spawn(_fsdp1, DIST_BACKENDS[0], use_orig_params, str(out))
     result = torch.load(out)
     assert result["refused"] == FSDP1_REFUSAL
     assert result["refused_late"] == FSDP1_REFUSAL and result["groups"] == 1
     assert max_diff(result["snr"], result["adamw"]) <= 1e-6
+    assert result["8bit_resumed_equal"] and result["8bit_moved"]
 
 
 RESHARD_STEPS = 4  # the param goes from Shard(0) to Replicate() in place after half of them
