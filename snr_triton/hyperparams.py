@@ -195,56 +195,49 @@ class Hyper:
 
 DEFAULT_HYPER = Hyper.of({**DEFAULTS, **RUNTIME_DEFAULTS})
 
-# Every step validates every group (a scheduler or the user may have changed it): about half of
-# a step's host time with many small groups (layer-wise lr decay, a group per param). A group
-# whose settings are plain values is validated once per distinct set of them but its lr, which
-# schedulers change every step and which is checked alone (one comparison); one whose lr or betas
-# are tensors (their values can change in place) is validated every step.
-_CHECKED: dict[tuple, Hyper] = {}
-_CHECKED_MAX = 1024
-
-
 def _values_key(group: dict[str, Any]) -> tuple | None:
-    """The group's settings but lr, and each one's type (True and 1, 0 and 0.0 validate
-    differently), or None where lr or a beta is a tensor (validation refuses a tensor anywhere
-    else) or a value cannot be a key."""
+    """The group's settings but lr, types first (True and 1, 0 and 0.0 validate differently; and
+    values are compared only where their types are those validated), or None where lr or a beta
+    is a tensor (validation refuses a tensor anywhere else): their values can change in place."""
     betas = group["betas"]
     if isinstance(group["lr"], torch.Tensor):
         return None
     if isinstance(betas, (tuple, list)):
         if any(isinstance(b, torch.Tensor) for b in betas):
             return None
-        betas = (type(betas), tuple(betas), tuple(map(type, betas)))
+        betas = (type(betas), tuple(map(type, betas)), tuple(betas))
     values = [group[name] for name in _KEY_NAMES]
     values[_BETAS] = betas
-    key = (tuple(values), tuple(map(type, values)))
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    return tuple(map(type, values)), tuple(values)
 
 
 _KEY_NAMES = tuple(name for name in (*DEFAULTS, *RUNTIME_DEFAULTS) if name != "lr")
 _BETAS = _KEY_NAMES.index("betas")
 
 
-def step_hyper(group: dict[str, Any]) -> Hyper:
-    """A step's `Hyper` of a group: validated (as validate_group without reading tensors, and
-    validate_runtime) unless the same values but lr were validated before; then lr alone."""
-    key = _values_key(group)
-    hyper = _CHECKED.get(key) if key is not None else None
-    if hyper is None:
-        validate_group(group, read_tensors=False)
-        validate_runtime(group)
-        hyper = Hyper.of(group)
+class StepHypers:
+    """Each group's `Hyper` at a step. Every step must validate every group (a scheduler or the
+    user may have changed it), which was about half of a step's host time with many small groups
+    (layer-wise lr decay, a group per param). A group whose settings are the plain values it had
+    at the last step, but for lr (schedulers change it every step), has only its lr checked; one
+    whose lr or betas are tensors is validated every step."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[tuple, Hyper]] = {}  # group index -> (its values' key, its Hyper)
+
+    def of(self, index: int, group: dict[str, Any]) -> Hyper:
+        key = _values_key(group)
+        last = self._last.get(index)
+        if key is not None and last is not None and last[0] == key:
+            hyper, lr = last[1], group["lr"]
+            if type(lr) is float and lr == hyper.lr:  # NaN is never equal: it is checked below
+                return hyper
+            _check_lr(lr, read_tensors=False)
+            hyper = replace(hyper, lr=float(lr))
+        else:
+            validate_group(group, read_tensors=False)
+            validate_runtime(group)
+            hyper = Hyper.of(group)
         if key is not None:
-            if len(_CHECKED) >= _CHECKED_MAX:
-                _CHECKED.clear()
-            _CHECKED[key] = hyper
+            self._last[index] = (key, hyper)
         return hyper
-    lr = group["lr"]
-    if type(lr) is float and lr == hyper.lr:  # NaN is never equal: it is checked below
-        return hyper
-    _check_lr(lr, read_tensors=False)
-    return replace(hyper, lr=float(lr))

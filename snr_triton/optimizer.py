@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from . import backend, codebook
 from .contract import STATS
-from .hyperparams import (DEFAULTS, RUNTIME_DEFAULTS, Hyper, check_betas_kinds, step_hyper, validate_group,
+from .hyperparams import (DEFAULTS, RUNTIME_DEFAULTS, Hyper, StepHypers, check_betas_kinds, validate_group,
                           validate_runtime)
 from .param_states import (CODES, MAPS_KEPT, SCALES, STATE_KEYS, BucketStates, Slot, StateEntry, TrackedState, as_real,
                            is_dense, is_dtensor, like_param, local, local_scales, real_dtype, resharded, rng_seed,
@@ -123,13 +123,21 @@ class SNRAdamW(Optimizer):
     def _hyper(group: dict[str, Any], where: str = "", *, read_tensors: bool = True) -> Hyper:
         """Validate a group (ValueError naming the argument and the valid choices) and freeze it."""
         try:
-            if not read_tensors and not torch.compiler.is_compiling():  # a step: values seen before pass
-                return step_hyper(group)
             validate_group(group, read_tensors=read_tensors)
             validate_runtime(group)
             return Hyper.of(group)
         except ValueError as e:
             raise ValueError(f"{e}{where}") from None
+
+    def _step_hyper(self, gi: int, group: dict[str, Any]) -> Hyper:
+        """A step's Hyper of group gi: validated as `_hyper` does without reading tensors, but only its lr
+        where its other settings are what they were at the last step (`StepHypers`)."""
+        if torch.compiler.is_compiling():  # traced once; the guards check the values
+            return self._hyper(group, f" (param group {gi})", read_tensors=False)
+        try:
+            return self._step_hypers.of(gi, group)
+        except ValueError as e:
+            raise ValueError(f"{e} (param group {gi})") from None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check a merged copy first: a rejected group must not be half-added.
@@ -180,6 +188,7 @@ class SNRAdamW(Optimizer):
         # the grads of its keys, and recompile whenever zero_grad() frees one)
         self._group_slots: list[list] = []
         self._buckets: dict[tuple, BucketStates] = {}
+        self._step_hypers = StepHypers()
         # The last step's gate statistics: "stats" holds (group index, params, numels, device sums per
         # param). step() only mutates this dict, never assigns an attribute of the optimizer: dynamo
         # in torch 2.11 fails on attribute assignment to an optimizer (pytorch/pytorch#171590).
@@ -359,7 +368,7 @@ class SNRAdamW(Optimizer):
         misfits: list[tuple] = []
         group_slots = self._group_slots
         for gi, group in enumerate(self.param_groups):
-            hyper = self._hyper(group, f" (param group {gi})", read_tensors=False)
+            hyper = self._step_hyper(gi, group)
             params = group["params"]
             record = group_slots[gi] if gi < len(group_slots) else None
             slots = record[1] if record is not None and record[0] is group and len(record[1]) == len(params) \
