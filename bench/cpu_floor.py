@@ -220,7 +220,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     llc = cache_bytes(torch.device("cpu"))
     in_cache = " (in cache)" if args.size * 4 * 5 < 4 * llc else ""  # p, g, m, v, s
-    flags = [f for f in cpu._flags() if f not in ("-shared", "-fPIC")] + ["-shared", "-fPIC"]
+    flags = cpu._flags()  # the backend's own: -O3 -march=native ..., -shared, the contract's -D defines
     with tempfile.TemporaryDirectory() as tmp:
         ms = clipping_floor(streams_library(Path(tmp)), args.size, args.rounds, threads)
         parts = eight_bit_parts(flags, Path(tmp))
