@@ -241,6 +241,10 @@ MUTANTS = [
     Mutant("clip: FSDP1's params not refused in add_param_group", "snr_triton/optimizer.py",
            "        if self.defaults.get(\"max_grad_norm\") is not None:  # set after", "        if False:  # set after",
            ("tests/test_distributed.py::test_fsdp1_params_refuse_max_grad_norm_and_step_like_adamw_after_fsdps_clip",)),
+    Mutant("clip: FSDP1's params not refused at the step", "snr_triton/optimizer.py",
+           "        if self.defaults.get(\"max_grad_norm\") is not None:  # wrapped by FSDP1 after",
+           "        if False:  # wrapped by FSDP1 after",
+           ("tests/test_distributed.py::test_fsdp1_params_refuse_max_grad_norm_and_step_like_adamw_after_fsdps_clip",)),
     # a step's validation once per distinct set of a group's plain values (hyperparams.step_hyper)
     Mutant("hyperparams: validated values keyed without their types", "snr_triton/hyperparams.py",
            "    return tuple(map(type, values)), tuple(values)", "    return (), tuple(values)",

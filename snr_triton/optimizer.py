@@ -469,6 +469,8 @@ class SNRAdamW(Optimizer):
         """Check in full a param that failed the cheap check; raises (naming it) what cannot be adopted."""
         where = f" (param {i} of param group {gi})"
         _check_grad(p, g, where)
+        if self.defaults.get("max_grad_norm") is not None:  # wrapped by FSDP1 after the constructor saw it
+            _check_not_sharded_by_fsdp1([p])
         others = [k for k, _ in places[id(p)] if k != gi]
         if others:
             raise ValueError(f"param {i} of param group {gi} is also in param group {others[0]}: a param may "

@@ -674,6 +674,19 @@ def _fsdp1(rank, port, backend, use_orig_params, out):
     except ValueError as e:
         result["refused_late"] = str(e)
     result["groups"] = len(opt.param_groups)
+    if use_orig_params:  # an optimizer made before the wrapping holds the params FSDP1 then shards
+        model = make_model()
+        opt = SNRAdamW(model.parameters(), backend=backend, max_grad_norm=1.0, **HP)
+        model = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+        x, y = batches()[0]
+        loss_fn(model, _shard(x, rank), _shard(y, rank)).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step()
+            result["refused_at_step"] = None
+        except ValueError as e:
+            result["refused_at_step"] = str(e)
+        result["unchanged"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not opt.state
     for name in ("snr", "adamw"):  # FSDP's own clip_grad_norm_ before each step, as the refusal says
         model = FSDP(make_model(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
         opt = (SNRAdamW(model.parameters(), backend=backend, gate="none", **HP) if name == "snr"
@@ -720,7 +733,8 @@ def test_fsdp1_params_refuse_max_grad_norm_and_step_like_adamw_after_fsdps_clip(
     use_orig_params=True, whose grads are plain tensors holding each rank's shard: max_grad_norm
     computed the shard's norm and clipped each rank differently from FSDP's clip_grad_norm_ (a
     0.005 difference after 4 steps at lr 1e-2 in the probe), without a word. Now refused, at
-    construction and in add_param_group (nothing added), naming the alternative; that
+    construction, in add_param_group (nothing added) and at the first step of an optimizer made
+    before the wrapping (nothing changed), naming the alternative; that
     alternative, FSDP's clip then the step, is AdamW's. 8-bit states train there too and each
     rank's opt.state_dict() resumes them bit for bit."""
     out = tmp_path / "fsdp1.pt"
@@ -728,6 +742,9 @@ def test_fsdp1_params_refuse_max_grad_norm_and_step_like_adamw_after_fsdps_clip(
     result = torch.load(out)
     assert result["refused"] == FSDP1_REFUSAL
     assert result["refused_late"] == FSDP1_REFUSAL and result["groups"] == 1
+    if use_orig_params:
+        assert result["refused_at_step"] == FSDP1_REFUSAL
+        assert result["unchanged"]
     assert max_diff(result["snr"], result["adamw"]) <= 1e-6
     assert result["8bit_resumed_equal"] and result["8bit_moved"]
 
