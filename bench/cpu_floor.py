@@ -189,8 +189,9 @@ def clipping_floor(lib: ctypes.CDLL, numel: int, rounds: int, threads: int) -> d
         theirs.step()
 
     cells = {"read g (norm pass)": floor("read"), "g scaled in place": floor("scale"),
-             "7-stream pass (AdamW)": floor("adamw"), "9-stream pass (SNRAdamW)": floor("snr"), "SNRAdamW cpu max_grad_norm=1.0": ours.step,
-             "AdamW fused": theirs.step, "AdamW fused + clip_grad_norm_": adamw_clipped}
+             "7-stream pass (AdamW)": floor("adamw"), "9-stream pass (SNRAdamW)": floor("snr"),
+             "SNRAdamW cpu max_grad_norm=1.0": ours.step, "AdamW fused": theirs.step,
+             "AdamW fused + clip_grad_norm_": adamw_clipped}
     for fn in cells.values():  # first touch, kernels built
         fn()
     times: dict[str, list[float]] = {k: [] for k in cells}

@@ -195,6 +195,10 @@ class Hyper:
 
 DEFAULT_HYPER = Hyper.of({**DEFAULTS, **RUNTIME_DEFAULTS})
 
+_KEY_NAMES = tuple(name for name in (*DEFAULTS, *RUNTIME_DEFAULTS) if name != "lr")
+_BETAS = _KEY_NAMES.index("betas")
+
+
 def _values_key(group: dict[str, Any]) -> tuple | None:
     """The group's settings but lr, types first (True and 1, 0 and 0.0 validate differently; and
     values are compared only where their types are those validated), or None where lr or a beta
@@ -209,10 +213,6 @@ def _values_key(group: dict[str, Any]) -> tuple | None:
     values = [group[name] for name in _KEY_NAMES]
     values[_BETAS] = betas
     return tuple(map(type, values)), tuple(values)
-
-
-_KEY_NAMES = tuple(name for name in (*DEFAULTS, *RUNTIME_DEFAULTS) if name != "lr")
-_BETAS = _KEY_NAMES.index("betas")
 
 
 class StepHypers:

@@ -132,7 +132,7 @@ class SNRAdamW(Optimizer):
     def _step_hyper(self, gi: int, group: dict[str, Any]) -> Hyper:
         """A step's Hyper of group gi: validated as `_hyper` does without reading tensors, but only its lr
         where its other settings are what they were at the last step (`StepHypers`)."""
-        if torch.compiler.is_compiling():  # traced once; the guards check the values
+        if torch.compiler.is_compiling():  # the full check, as before the record existed
             return self._hyper(group, f" (param group {gi})", read_tensors=False)
         try:
             return self._step_hypers.of(gi, group)
@@ -149,9 +149,8 @@ class SNRAdamW(Optimizer):
         hyper = self._hyper(merged, where)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        if self.defaults.get("max_grad_norm") is not None:  # set after the constructor's groups
-            _check_not_sharded_by_fsdp1([p[1] if isinstance(p, tuple) else p for p in params])
         seen: dict[int, int] = {}
+        tensors: list[Tensor] = []
         for i, p in enumerate(params):
             name, p = (p[0], p[1]) if isinstance(p, tuple) else (None, p)  # named parameters: (name, tensor)
             if not isinstance(p, Tensor):
@@ -162,7 +161,10 @@ class SNRAdamW(Optimizer):
                                  f"param {seen[id(p)]} of that group: each param may appear once (it would be "
                                  "stepped twice)")
             seen[id(p)] = i
+            tensors.append(p)
             self._choose(merged["backend"], p.device, real_dtype(p), hyper, where)
+        if self.defaults.get("max_grad_norm") is not None:  # set after the constructor's groups
+            _check_not_sharded_by_fsdp1(tensors)
         super().add_param_group({**param_group, "params": params})
         self.param_groups[-1].pop("max_grad_norm", None)
 
